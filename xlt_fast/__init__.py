@@ -1,0 +1,9 @@
+"""xlt_fast: fast, exact ops for zero-shot cross-lingual transfer.
+
+Every op takes ``backend="auto" | "reference" | "cpu" | "triton" | "cuda"``; see ``xlt_fast.ops``.
+"""
+from xlt_fast.ops.pairwise import pairwise_distance
+
+__version__ = "0.1.0"
+
+__all__ = ["pairwise_distance"]
