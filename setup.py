@@ -8,7 +8,7 @@ torch-facing bindings (``csrc/cuda/*.cpp``) are added when the installed torch h
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -46,8 +46,7 @@ setup(
     version="0.1.0",
     description="Fast, exact ops for zero-shot cross-lingual transfer (OT, critics, flows, contrastive).",
     python_requires=">=3.10",
-    packages=["xlt_fast", "xlt_fast.ops", "xlt_fast.reference", "xlt_fast.nn",
-              "xlt_fast.kernels", "xlt_fast.benchmarks"],
+    packages=find_packages(include=["xlt_fast", "xlt_fast.*"]) + ["xlt_fast.kernels", "xlt_fast.benchmarks"],
     package_dir={"xlt_fast.kernels": "kernels", "xlt_fast.benchmarks": "benchmarks"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -1,0 +1,1 @@
+"""Modules built on the ops: Wasserstein critics, coupling layers and flows."""
