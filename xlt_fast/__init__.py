@@ -2,8 +2,15 @@
 
 Every op takes ``backend="auto" | "reference" | "cpu" | "triton" | "cuda"``; see ``xlt_fast.ops``.
 """
+from xlt_fast.ops.contrastive import info_nce, negative_contrastive, negative_learning, supcon
 from xlt_fast.ops.pairwise import pairwise_distance
 
 __version__ = "0.1.0"
 
-__all__ = ["pairwise_distance"]
+__all__ = [
+    "pairwise_distance",
+    "info_nce",
+    "supcon",
+    "negative_contrastive",
+    "negative_learning",
+]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from xlt_fast import _backend, _validate as V
 from xlt_fast.reference import pairwise as ref
+from xlt_fast.reference.pairwise import zero_padded
 
 METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 # Entries with D <= REFINE_TOL * (|x|^2 + |y|^2) are recomputed exactly. Elsewhere the expansion's
@@ -61,8 +62,7 @@ sqdist.register_autograd(_sqdist_backward, setup_context=_sqdist_setup)
 def masked_center(x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor]) -> Tensor:
     """Mean ``(B, 1, d)`` of the real points of x and y together (detached: distances ignore it)."""
     x, y = x.detach(), y.detach()
-    sx = x.sum(1) if x_mask is None else (x * x_mask.unsqueeze(-1)).sum(1)
-    sy = y.sum(1) if y_mask is None else (y * y_mask.unsqueeze(-1)).sum(1)
+    sx, sy = zero_padded(x, x_mask).sum(1), zero_padded(y, y_mask).sum(1)
     cx = x.new_full((x.shape[0],), x.shape[1]) if x_mask is None else x_mask.sum(1).to(x.dtype)
     cy = y.new_full((y.shape[0],), y.shape[1]) if y_mask is None else y_mask.sum(1).to(y.dtype)
     return ((sx + sy) / (cx + cy).clamp_min(1).unsqueeze(-1)).unsqueeze(1)
@@ -120,10 +120,7 @@ def _pairwise_kernel(X: Tensor, Y: Tensor, metric: str, xm: Optional[Tensor], ym
     dtype = X.dtype
     if dtype in (torch.float16, torch.bfloat16):
         X, Y = X.float(), Y.float()
-    if xm is not None:
-        X = X * xm.unsqueeze(-1)
-    if ym is not None:
-        Y = Y * ym.unsqueeze(-1)
+    X, Y = zero_padded(X, xm), zero_padded(Y, ym)
     if metric == "cosine":
         X, Y = ref.unit_rows(X), ref.unit_rows(Y)
     if metric == "dot":

@@ -7,6 +7,12 @@ import torch
 from torch import Tensor
 
 
+def zero_padded(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Padded points (mask False) replaced by zeros, so that whatever they hold (even NaN) reaches
+    no result and no gradient."""
+    return x if mask is None else torch.where(mask.unsqueeze(-1), x, 0)
+
+
 def safe_sqrt(d2: Tensor) -> Tensor:
     """sqrt with gradient 0 (not inf/NaN) where the argument is exactly 0."""
     positive = d2 > 0
@@ -37,6 +43,7 @@ def pairwise_distance(x: Tensor, y: Tensor, metric: str = "sqeuclidean",
     sqeuclidean |x - y|^2, euclidean |x - y|, cosine 1 - cos(x, y), dot <x, y> (a similarity,
     kept so that every op takes the same metric names). Entries involving a padded point are 0.
     """
+    x, y = zero_padded(x, x_mask), zero_padded(y, y_mask)
     if metric == "dot":
         out = x @ y.transpose(-1, -2)
     else:

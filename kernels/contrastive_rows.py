@@ -1,0 +1,122 @@
+"""Row-wise contrastive kernels: each anchor or logit row is a small independent problem.
+
+candidate_softmax (seed 004 eq. 6): anchor i against its own K + 1 candidates (the positive
+first): loss_i = logsumexp_{valid k} s_ik - s_i0; one program per anchor, distances by explicit
+differences; a second pass over d writes the gradients for the weight 1 / B.
+
+negative_learning (seed 004 eq. 1): loss_i = sum_k w_ik (lse(z_i) - lse_{j != k}(z_i)), with
+sum_{j != k} e^{z_j - max} = S - e^{z_k - max} except at the argmax, where it is summed directly.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _candidate_softmax_kernel(a_ptr, c_ptr, valid_ptr, loss_ptr, ga_ptr, gc_ptr, K1, d, inv_temp, inv_b,
+                              METRIC: tl.constexpr, NEED_GRAD: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    a_row = a_ptr + i * d
+    c_rows = c_ptr + i * K1 * d
+    valid = tl.load(valid_ptr + i * K1 + rk, mask=rk < K1, other=0) != 0
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        a = tl.load(a_row + rd, mask=rd < d, other=0.0).to(tl.float32)
+        c = tl.load(c_rows + rk[:, None] * d + rd[None, :], mask=(rk[:, None] < K1) & (rd[None, :] < d),
+                    other=0.0).to(tl.float32)
+        if METRIC == 0:
+            acc += tl.sum(a[None, :] * c, axis=1)
+        else:
+            diff = a[None, :] - c
+            acc += tl.sum(diff * diff, axis=1)
+    if METRIC == 0:
+        dist = acc * 0.0
+        s = acc * inv_temp
+    else:
+        dist = acc
+        if METRIC == 2:
+            dist = tl.sqrt(acc)
+        s = -dist * inv_temp
+    mx = tl.max(tl.where(valid, s, -1.0e30), axis=0)
+    e = tl.where(valid, tl.exp(s - mx), 0.0)
+    lse = mx + tl.log(tl.sum(e, axis=0))
+    s0 = tl.sum(tl.where(rk == 0, s, 0.0), axis=0)
+    tl.store(loss_ptr + i, lse - s0)
+    if NEED_GRAD:
+        g = tl.where(valid, tl.exp(s - lse) - tl.where(rk == 0, 1.0, 0.0), 0.0) * inv_temp * inv_b
+        if METRIC == 1:
+            coef = -2.0 * g
+        elif METRIC == 2:
+            coef = tl.where(dist > 0, -g / tl.maximum(dist, 1e-30), 0.0)
+        else:
+            coef = g
+        for d0 in range(0, d, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            a = tl.load(a_row + rd, mask=rd < d, other=0.0).to(tl.float32)
+            cmask = (rk[:, None] < K1) & (rd[None, :] < d)
+            c = tl.load(c_rows + rk[:, None] * d + rd[None, :], mask=cmask, other=0.0).to(tl.float32)
+            if METRIC == 0:
+                ga = tl.sum(coef[:, None] * c, axis=0)
+                gc = coef[:, None] * a[None, :]
+            else:
+                diff = coef[:, None] * (a[None, :] - c)
+                ga = tl.sum(diff, axis=0)
+                gc = -diff
+            tl.store(ga_ptr + i * d + rd, ga, mask=rd < d)
+            tl.store(gc_ptr + i * K1 * d + rk[:, None] * d + rd[None, :], gc, mask=cmask)
+
+
+def candidate_softmax(anchor, cands, valid, temperature: float, metric: int, need_grad: bool):
+    """``(loss, grad_anchor, grad_candidates)``; the gradients are empty without ``need_grad``."""
+    anchor, cands = anchor.contiguous(), cands.contiguous()
+    B, K1, d = cands.shape
+    row_loss = torch.empty(B, device=anchor.device, dtype=torch.float32)
+    ga = torch.empty((B, d) if need_grad else (0,), device=anchor.device, dtype=torch.float32)
+    gc = torch.empty((B, K1, d) if need_grad else (0,), device=anchor.device, dtype=torch.float32)
+    _candidate_softmax_kernel[(B,)](anchor, cands, valid.contiguous(), row_loss, ga, gc, K1, d, 1.0 / temperature,
+                                    1.0 / B, METRIC=metric, NEED_GRAD=need_grad,
+                                    BLOCK_K=max(triton.next_power_of_2(K1), 2), BLOCK_D=64)
+    return row_loss.mean().to(anchor.dtype), ga.to(anchor.dtype), gc.to(anchor.dtype)
+
+
+@triton.jit
+def _negative_learning_kernel(z_ptr, w_ptr, loss_ptr, g_ptr, B, C, inv_b, NEED_GRAD: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rc = tl.arange(0, BLOCK_C)
+    mask = (rb[:, None] < B) & (rc[None, :] < C)
+    offs = rb[:, None].to(tl.int64) * C + rc[None, :]
+    z = tl.load(z_ptr + offs, mask=mask, other=-1.0e30).to(tl.float32)  # finite: padded rows stay NaN-free
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    am = tl.argmax(z, axis=1)
+    mx = tl.max(z, axis=1)
+    e = tl.where(mask, tl.exp(z - mx[:, None]), 0.0)
+    total = tl.maximum(tl.sum(e, axis=1), 1e-30)
+    is_max = rc[None, :] == am[:, None]
+    without_max = tl.sum(tl.where(is_max, 0.0, e), axis=1)
+    rest = tl.where(is_max, without_max[:, None], total[:, None] - e)  # sum_{j != k} e_j
+    rest = tl.where(w != 0, rest, 1.0)
+    loss = tl.sum(tl.where(w != 0, w * (tl.log(total)[:, None] - tl.log(rest)), 0.0), axis=1)
+    tl.store(loss_ptr + rb, loss, mask=rb < B)
+    if NEED_GRAD:
+        # d/dz_j = e_j (sum_k w_k / S - sum_{k != j} w_k / rest_k)
+        wsum = tl.sum(w, axis=1)
+        w_over_rest = tl.where(w != 0, w / rest, 0.0)
+        g = e * (wsum[:, None] / total[:, None] - (tl.sum(w_over_rest, axis=1)[:, None] - w_over_rest))
+        tl.store(g_ptr + offs, g * inv_b, mask=mask)
+
+
+def negative_learning(logits, weights, need_grad: bool):
+    """``(loss, grad_logits)`` for the mean over rows; the gradient is empty without ``need_grad``."""
+    logits, weights = logits.contiguous(), weights.contiguous()
+    B, C = logits.shape
+    row_loss = torch.empty(B, device=logits.device, dtype=torch.float32)
+    g = torch.empty((B, C) if need_grad else (0,), device=logits.device, dtype=torch.float32)
+    block_c = max(triton.next_power_of_2(C), 2)
+    block_b = max(1, min(64, 4096 // block_c))
+    _negative_learning_kernel[(triton.cdiv(B, block_b),)](logits, weights, row_loss, g, B, C, 1.0 / B,
+                                                         NEED_GRAD=need_grad, BLOCK_B=block_b, BLOCK_C=block_c)
+    return row_loss.mean().to(logits.dtype), g.to(logits.dtype)

@@ -1,0 +1,354 @@
+"""Contrastive losses of CoNLST (seed 004) and SimCSE: ``info_nce``, ``supcon``,
+``negative_contrastive``, ``negative_learning``.
+
+Kernels: the C++ CPU kernels form loss and input gradients in one pass (backward is a scale);
+the Triton kernels tile the logits with an online logsumexp (memory O((N + M) d), never N x M)
+and recompute tiles in backward. Cosine arrives at the kernels as unit rows with the dot metric;
+distance metrics as centred rows (distances are translation invariant; centring shrinks the
+norms that the |a|^2 + |c|^2 - 2<a, c> expansion cancels against).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from xlt_fast import _backend, _validate as V
+from xlt_fast.ops.pairwise import masked_center
+from xlt_fast.reference import contrastive as ref
+from xlt_fast.reference.pairwise import unit_rows
+
+METRICS = ("cosine", "dot", "sqeuclidean", "euclidean")
+_METRIC_CODE = {"cosine": 0, "dot": 0, "sqeuclidean": 1, "euclidean": 2}
+_KERNELS = ("reference", "cpu", "triton")
+# One Triton program holds a whole logit row of negative_learning in registers.
+MAX_TRITON_CLASSES = 16384
+
+
+def _grad_or_empty(need_grad: bool, t: Tensor, shape) -> Tensor:
+    return t.new_empty(shape if need_grad else (0,))
+
+
+def _register_precomputed_grad(op, n_inputs: int) -> None:
+    """Autograd for ops returning ``(loss, grad_1, ..., grad_k)`` for the first k inputs: the
+    kernels formed dloss/dinput in the forward pass, so backward only scales them."""
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*output[1:])
+
+    def backward(ctx, grad_loss, *_):
+        return tuple(grad_loss * g for g in ctx.saved_tensors) + (None,) * (n_inputs - len(ctx.saved_tensors))
+
+    op.register_autograd(backward, setup_context=setup)
+
+
+# -- info_nce / supcon: anchors against candidates with label-defined positives ------------------
+
+@torch.library.custom_op("xlt_fast::contrastive_dense", mutates_args=())
+def contrastive_dense(a: Tensor, c: Tensor, a_labels: Tensor, c_labels: Tensor, a_valid: Tensor, c_valid: Tensor,
+                      temperature: float, metric: int, exclude_self: bool, need_grad: bool
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """C++ kernel: ``(loss, dloss/da, dloss/dc)`` (gradients empty without ``need_grad``)."""
+    return _backend.extension().contrastive_dense(a, c, a_labels, c_labels, a_valid, c_valid, temperature, metric,
+                                                  exclude_self, need_grad)
+
+
+@contrastive_dense.register_fake
+def _(a, c, a_labels, c_labels, a_valid, c_valid, temperature, metric, exclude_self, need_grad):
+    return a.new_empty(()), _grad_or_empty(need_grad, a, a.shape), _grad_or_empty(need_grad, c, c.shape)
+
+
+_register_precomputed_grad(contrastive_dense, 10)
+
+
+@torch.library.custom_op("xlt_fast::contrastive_tiled", mutates_args=())
+def contrastive_tiled(a: Tensor, c: Tensor, a_labels: Tensor, c_labels: Tensor, a_valid: Tensor, c_valid: Tensor,
+                      temperature: float, metric: int, exclude_self: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton kernel: ``(loss, lse, n_pos)``; lse and the positive counts per anchor feed backward."""
+    from xlt_fast.kernels import contrastive as K
+
+    lse, pos_sum, cnt = K.forward(a, c, a_labels, c_labels, c_valid, temperature, metric, exclude_self)
+    included = a_valid & (cnt > 0)
+    per_row = torch.where(included, lse - pos_sum / cnt.clamp_min(1), 0)
+    loss = per_row.sum() / included.sum().clamp_min(1)
+    return loss.to(a.dtype), lse, cnt
+
+
+@contrastive_tiled.register_fake
+def _(a, c, a_labels, c_labels, a_valid, c_valid, temperature, metric, exclude_self):
+    n = a.shape[0]
+    return a.new_empty(()), a.new_empty(n, dtype=torch.float32), a.new_empty(n, dtype=torch.float32)
+
+
+def _tiled_setup(ctx, inputs, output):
+    a, c, a_labels, c_labels, a_valid, c_valid, temperature, metric, exclude_self = inputs
+    _, lse, cnt = output
+    ctx.save_for_backward(a, c, a_labels, c_labels, a_valid, c_valid, lse, cnt)
+    ctx.args = (temperature, metric, exclude_self)
+
+
+@torch.library.custom_op("xlt_fast::contrastive_tiled_backward", mutates_args=())
+def contrastive_tiled_backward(a: Tensor, c: Tensor, a_labels: Tensor, c_labels: Tensor, c_valid: Tensor,
+                               lse: Tensor, row_weight: Tensor, n_pos: Tensor, temperature: float, metric: int,
+                               exclude_self: bool) -> tuple[Tensor, Tensor]:
+    """Triton kernels: ``(grad_a, grad_c)`` for per-anchor weights ``row_weight = dL/dloss_i``."""
+    from xlt_fast.kernels import contrastive as K
+
+    return K.backward(a, c, a_labels, c_labels, c_valid, lse, row_weight, n_pos, temperature, metric, exclude_self)
+
+
+@contrastive_tiled_backward.register_fake
+def _(a, c, a_labels, c_labels, c_valid, lse, row_weight, n_pos, temperature, metric, exclude_self):
+    return torch.empty_like(a), torch.empty_like(c)
+
+
+def _tiled_backward(ctx, grad_loss, _lse, _cnt):
+    a, c, a_labels, c_labels, a_valid, c_valid, lse, cnt = ctx.saved_tensors
+    included = a_valid & (cnt > 0)
+    w = included.float() * (grad_loss.float() / included.sum().clamp_min(1))
+    ga, gc = contrastive_tiled_backward(a, c, a_labels, c_labels, c_valid, lse, w, cnt, *ctx.args)
+    return ga, gc, None, None, None, None, None, None, None
+
+
+contrastive_tiled.register_autograd(_tiled_backward, setup_context=_tiled_setup)
+
+
+def _prepare(a: Tensor, c: Tensor, metric: str, a_valid: Tensor, c_valid: Tensor):
+    """Kernel inputs: fp32/fp64 rows, unit rows for cosine, centred rows for distances."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, c = a.float(), c.float()
+    if metric == "cosine":
+        return unit_rows(a), unit_rows(c)
+    if metric in ("sqeuclidean", "euclidean"):
+        center = masked_center(a.unsqueeze(0), c.unsqueeze(0), a_valid.unsqueeze(0), c_valid.unsqueeze(0))[0]
+        return a - center, c - center
+    return a, c
+
+
+def _label_loss(a: Tensor, c: Tensor, a_labels: Tensor, c_labels: Tensor, a_valid: Tensor, c_valid: Tensor,
+                temperature: float, metric: str, exclude_self: bool, kind: str) -> Tensor:
+    dtype = a.dtype
+    a, c = _prepare(a, c, metric, a_valid, c_valid)
+    code = _METRIC_CODE[metric]
+    if kind == "cpu":
+        need_grad = torch.is_grad_enabled() and (a.requires_grad or c.requires_grad)
+        loss = contrastive_dense(a, c, a_labels, c_labels, a_valid, c_valid, temperature, code, exclude_self,
+                                 need_grad)[0]
+    else:
+        loss = contrastive_tiled(a, c, a_labels, c_labels, a_valid, c_valid, temperature, code, exclude_self)[0]
+    return loss.to(dtype)
+
+
+def _rows(t: Tensor, name: str, op: str) -> None:
+    V.floating(t, name, op)
+    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{op}: {name} must have shape (N, d) with N, d >= 1, got {tuple(t.shape)}")
+
+
+def info_nce(a: Tensor, b: Tensor, temperature: float = 0.05, metric: str = "cosine", *,
+             backend: _backend.Backend = "auto") -> Tensor:
+    """SimCSE InfoNCE with in-batch negatives (seed 004 eq. 3; Gao et al. 2021).
+
+    ``loss = mean_i [ logsumexp_j s(a_i, b_j) - s(a_i, b_i) ]``, s = sim / temperature, positives on
+    the diagonal. ``a, b``: ``(N, d)`` (e.g. two dropout views). ``metric``: cosine | dot |
+    sqeuclidean | euclidean (minus the distance as similarity). Equals pytorch-metric-learning's
+    ``NTXentLoss(temperature)(a, arange(N), ref_emb=b, ref_labels=arange(N))`` for cosine.
+    """
+    op = "info_nce"
+    _rows(a, "a", op)
+    _rows(b, "b", op)
+    V.same_dtype_device(op, a=a, b=b)
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: a and b must have the same shape (N, d), got {tuple(a.shape)} and {tuple(b.shape)}")
+    temperature = V.positive(temperature, "temperature", op)
+    V.choice(metric, "metric", METRICS, op)
+    kind = _backend.resolve(backend, a.device, op, gpu_default="triton", available=_KERNELS)
+    if kind == "reference":
+        return ref.info_nce(a, b, temperature, metric)
+    n = a.shape[0]
+    labels = torch.arange(n, device=a.device)
+    valid = torch.ones(n, dtype=torch.bool, device=a.device)
+    return _label_loss(a, b, labels, labels, valid, valid, temperature, metric, False, kind)
+
+
+def supcon(features: Tensor, labels: Tensor, temperature: float = 0.1, metric: str = "cosine",
+           mask: Optional[Tensor] = None, *, backend: _backend.Backend = "auto") -> Tensor:
+    """Supervised contrastive loss (seed 004 eq. 2; Khosla et al. 2020), multi-positive.
+
+    For anchor i: A(i) = other unmasked samples, P(i) = those with its label;
+    ``loss_i = logsumexp_{A(i)} s_i. - mean_{P(i)} s_ip``, averaged over the anchors with at least
+    one positive (others are excluded, never NaN; no positive at all gives 0).
+    ``features (N, d)``, integer ``labels (N,)``, optional bool ``mask (N,)`` (True = sample takes part).
+    Equals pytorch-metric-learning's ``SupConLoss(temperature)`` for cosine.
+    """
+    op = "supcon"
+    _rows(features, "features", op)
+    n = features.shape[0]
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool \
+            or labels.dtype.is_complex:
+        raise TypeError(f"{op}: labels must be an integer tensor of shape ({n},), got "
+                        f"{getattr(labels, 'dtype', type(labels).__name__)}")
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"{op}: labels must have shape ({n},) (one per row of features), got {tuple(labels.shape)}")
+    valid = V.point_mask(mask, "mask", (1, n), features.device, op)
+    valid = torch.ones(n, dtype=torch.bool, device=features.device) if valid is None else valid[0]
+    temperature = V.positive(temperature, "temperature", op)
+    V.choice(metric, "metric", METRICS, op)
+    kind = _backend.resolve(backend, features.device, op, gpu_default="triton", available=_KERNELS)
+    labels = labels.to(device=features.device, dtype=torch.int64)
+    if kind == "reference":
+        return ref.supcon(features, labels, temperature, metric, mask=valid)
+    return _label_loss(features, features, labels, labels, valid, valid, temperature, metric, True, kind)
+
+
+# -- negative_contrastive: each anchor against its own candidates --------------------------------
+
+@torch.library.custom_op("xlt_fast::candidate_softmax", mutates_args=())
+def candidate_softmax(anchor: Tensor, candidates: Tensor, candidate_valid: Tensor, temperature: float, metric: int,
+                      need_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``mean_i [logsumexp_{valid k} s_ik - s_i0]`` with candidate 0 the positive; returns
+    ``(loss, dloss/danchor, dloss/dcandidates)`` (gradients empty without ``need_grad``)."""
+    if backend == "triton":
+        from xlt_fast.kernels.contrastive_rows import candidate_softmax as kernel
+
+        return kernel(anchor, candidates, candidate_valid, temperature, metric, need_grad)
+    return _backend.extension().candidate_softmax(anchor, candidates, candidate_valid, temperature, metric, need_grad)
+
+
+@candidate_softmax.register_fake
+def _(anchor, candidates, candidate_valid, temperature, metric, need_grad, backend):
+    return (anchor.new_empty(()), _grad_or_empty(need_grad, anchor, anchor.shape),
+            _grad_or_empty(need_grad, candidates, candidates.shape))
+
+
+_register_precomputed_grad(candidate_softmax, 7)
+
+
+def negative_contrastive(anchor: Tensor, positive: Tensor, negatives: Tensor, temperature: float = 0.05,
+                         metric: str = "euclidean", *, pool: Optional[Tensor] = None,
+                         negative_mask: Optional[Tensor] = None, backend: _backend.Backend = "auto") -> Tensor:
+    """CoNLST contrastive negative learning (seed 004 eq. 6).
+
+    ``loss_i = -log( e^{s(h_i, h_i')} / (e^{s(h_i, h_i')} + sum_{j in N_i} e^{s(h_i, h_j')}) )``, mean over i,
+    with ``anchor (B, d)`` = h_i, ``positive (B, d)`` = its second dropout view h_i', and the negatives
+    N_i (samples whose pseudo-label is a complementary label of i, eq. 5) given either as
+    ``(B, K, d)`` features or as integer indices ``(B, K)`` into ``pool (P, d)`` (default: ``positive``,
+    i.e. the other samples' second views as in eq. 6). ``negative_mask (B, K)`` marks real negatives.
+    Default metric euclidean: the paper uses euclidean distance for eq. 6 (after Snell et al.).
+    """
+    op = "negative_contrastive"
+    _rows(anchor, "anchor", op)
+    _rows(positive, "positive", op)
+    V.same_dtype_device(op, anchor=anchor, positive=positive)
+    B, d = anchor.shape
+    if positive.shape != anchor.shape:
+        raise ValueError(f"{op}: positive must have the shape of anchor {tuple(anchor.shape)}, got {tuple(positive.shape)}")
+    if not isinstance(negatives, Tensor):
+        raise TypeError(f"{op}: negatives must be a tensor (B, K, d) or integer indices (B, K)")
+    if negatives.dtype.is_floating_point:
+        if pool is not None:
+            raise ValueError(f"{op}: pool is only used with integer negatives (indices), got feature negatives")
+        if negatives.dim() != 3 or negatives.shape[0] != B or negatives.shape[2] != d:
+            raise ValueError(f"{op}: negatives must have shape ({B}, K, {d}), got {tuple(negatives.shape)}")
+        V.same_dtype_device(op, anchor=anchor, negatives=negatives)
+        neg = negatives
+    else:
+        pool = positive if pool is None else pool
+        _rows(pool, "pool", op)
+        V.same_dtype_device(op, anchor=anchor, pool=pool)
+        if pool.shape[1] != d:
+            raise ValueError(f"{op}: pool must have shape (P, {d}), got {tuple(pool.shape)}")
+        if negatives.dim() != 2 or negatives.shape[0] != B:
+            raise ValueError(f"{op}: integer negatives must have shape ({B}, K), got {tuple(negatives.shape)}")
+        if negatives.numel() and not torch.compiler.is_compiling() and \
+                bool(((negatives < 0) | (negatives >= pool.shape[0])).any()):
+            raise ValueError(f"{op}: negative indices must lie in [0, {pool.shape[0]}) (rows of pool)")
+        neg = pool[negatives.to(device=anchor.device, dtype=torch.int64)]
+    K = neg.shape[1]
+    if negative_mask is not None:
+        if not isinstance(negative_mask, Tensor) or negative_mask.dtype != torch.bool:
+            raise TypeError(f"{op}: negative_mask must be a bool tensor of shape ({B}, {K})")
+        if tuple(negative_mask.shape) != (B, K):
+            raise ValueError(f"{op}: negative_mask must have shape ({B}, {K}), got {tuple(negative_mask.shape)}")
+    temperature = V.positive(temperature, "temperature", op)
+    V.choice(metric, "metric", METRICS, op)
+    kind = _backend.resolve(backend, anchor.device, op, gpu_default="triton", available=_KERNELS)
+    if kind == "reference":
+        return ref.negative_contrastive(anchor, positive, neg, temperature, metric, negative_mask)
+    dtype = anchor.dtype
+    cands = torch.cat([positive.unsqueeze(1), neg], dim=1)
+    a = anchor
+    if dtype in (torch.float16, torch.bfloat16):
+        a, cands = a.float(), cands.float()
+    if metric == "cosine":
+        a, cands = unit_rows(a), unit_rows(cands)
+    valid = torch.ones(B, K + 1, dtype=torch.bool, device=anchor.device)
+    if negative_mask is not None:
+        valid[:, 1:] = negative_mask
+    need_grad = torch.is_grad_enabled() and (a.requires_grad or cands.requires_grad)
+    loss = candidate_softmax(a, cands, valid, temperature, _METRIC_CODE[metric], need_grad, kind)[0]
+    return loss.to(dtype)
+
+
+# -- negative_learning ----------------------------------------------------------------------------
+
+@torch.library.custom_op("xlt_fast::negative_learning", mutates_args=())
+def negative_learning_op(logits: Tensor, weights: Tensor, need_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """``mean_i sum_k w_ik * -log(1 - softmax(z_i)_k)`` and its gradient w.r.t. the logits."""
+    if backend == "triton":
+        from xlt_fast.kernels.contrastive_rows import negative_learning as kernel
+
+        return kernel(logits, weights, need_grad)
+    return _backend.extension().negative_learning(logits, weights, need_grad)
+
+
+@negative_learning_op.register_fake
+def _(logits, weights, need_grad, backend):
+    return logits.new_empty(()), _grad_or_empty(need_grad, logits, logits.shape)
+
+
+_register_precomputed_grad(negative_learning_op, 4)
+
+
+def negative_learning(logits: Tensor, complementary_labels: Tensor, *, backend: _backend.Backend = "auto") -> Tensor:
+    """Negative learning (seed 004 eq. 1): ``mean_i sum_k ybar_ik * -log(1 - p_ik)``, p = softmax(logits).
+
+    ``complementary_labels``: ``(B,)`` class indices in [0, C) (one complementary label per sample,
+    e.g. argmin of the prediction for low-confidence samples, eq. 4), or ``(B, C)`` bool/float
+    non-negative weights (e.g. every class but the argmax for confident samples). Computed as
+    logsumexp(z) - logsumexp_{j != k}(z): finite even where p_k rounds to 1.
+    """
+    op = "negative_learning"
+    V.floating(logits, "logits", op)
+    if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
+        raise ValueError(f"{op}: logits must have shape (B, C) with B >= 1 and C >= 2 classes, got {tuple(logits.shape)}")
+    B, C = logits.shape
+    y = complementary_labels
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{op}: complementary_labels must be a tensor of shape ({B},) or ({B}, {C})")
+    checking = not torch.compiler.is_compiling()
+    if y.dim() == 1 and not y.dtype.is_floating_point and y.dtype != torch.bool:
+        if tuple(y.shape) != (B,):
+            raise ValueError(f"{op}: complementary_labels must have shape ({B},), got {tuple(y.shape)}")
+        if checking and bool(((y < 0) | (y >= C)).any()):
+            raise ValueError(f"{op}: complementary_labels must lie in [0, {C}) (number of classes)")
+        weights = torch.nn.functional.one_hot(y.to(device=logits.device, dtype=torch.int64), C).to(logits.dtype)
+    elif y.dim() == 2:
+        if tuple(y.shape) != (B, C):
+            raise ValueError(f"{op}: complementary_labels weights must have shape ({B}, {C}), got {tuple(y.shape)}")
+        weights = y.to(device=logits.device, dtype=logits.dtype)
+        if checking and not bool(((weights >= 0) & torch.isfinite(weights)).all()):
+            raise ValueError(f"{op}: complementary_labels weights must be finite and >= 0")
+    else:
+        raise ValueError(f"{op}: complementary_labels must be integer ({B},) or weights ({B}, {C}), "
+                         f"got {y.dtype} {tuple(y.shape)}")
+    kind = _backend.resolve(backend, logits.device, op, gpu_default="triton", available=_KERNELS)
+    if kind == "reference":
+        return ref.negative_learning(logits, weights)
+    if kind == "triton" and C > MAX_TRITON_CLASSES:
+        raise ValueError(f"{op}: backend='triton' handles up to {MAX_TRITON_CLASSES} classes, got {C}")
+    dtype = logits.dtype
+    z = logits.float() if dtype in (torch.float16, torch.bfloat16) else logits
+    need_grad = torch.is_grad_enabled() and z.requires_grad
+    return negative_learning_op(z, weights.to(z.dtype), need_grad, kind)[0].to(dtype)
