@@ -1,8 +1,8 @@
 // Torch-facing binding of the CUDA pairwise kernel (pairwise.cu): validates the tensors, makes
 // them contiguous, launches on the current stream and reports launch errors.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "pairwise.cuh"
@@ -32,7 +32,7 @@ at::Tensor pairwise_sqdist_cuda(const at::Tensor& x_in, const at::Tensor& y_in, 
   const int64_t B = x.size(0), n = x.size(1), m = y.size(1), d = x.size(2);
   at::Tensor out = at::empty({B, n, m}, x.options());
   if (out.numel() == 0) return out;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();  // at::cuda:: re-exports this
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pairwise_sqdist_cuda", [&] {
     cuda::launch_pairwise_sqdist<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                            B, n, m, d, dot, refine_tol, stream);
