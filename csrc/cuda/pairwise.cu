@@ -39,6 +39,23 @@ __device__ __forceinline__ void load_chunk(T (*s)[kStride], const T* __restrict_
   }
 }
 
+// out[row0 + ty + kGrid i, col0 + tx + kGrid j] = v[i][j] for the entries whose bit i * kSub + j is
+// set in mask and that lie inside (n, m). A row of kGrid threads writes kGrid consecutive entries:
+// coalesced stores.
+template <typename T>
+__device__ __forceinline__ void store_entries(T* __restrict__ out, const T (&v)[kSub][kSub], unsigned mask, int64_t n,
+                                              int64_t m, int64_t row0, int64_t col0, int tx, int ty) {
+#pragma unroll
+  for (int i = 0; i < kSub; ++i) {
+    const int64_t r = row0 + ty + kGrid * i;
+#pragma unroll
+    for (int j = 0; j < kSub; ++j) {
+      const int64_t c = col0 + tx + kGrid * j;
+      if (r < n && c < m && (mask >> (i * kSub + j)) & 1u) out[r * m + c] = v[i][j];
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 sqdist_kernel(const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ out, int64_t n, int64_t m,
@@ -92,65 +109,49 @@ sqdist_kernel(const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ 
     __syncthreads();
   }
 
-  unsigned refine = 0;  // bit i * kSub + j: entry (i, j) needs the exact recomputation
-  if (!dot) {
-    if (threadIdx.x < kTile) norm_x[threadIdx.x] = norm;
-    else if (threadIdx.x < 2 * kTile) norm_y[threadIdx.x - kTile] = norm;
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kSub; ++i)
-#pragma unroll
-      for (int j = 0; j < kSub; ++j) {
-        const T scale = norm_x[ty + kGrid * i] + norm_y[tx + kGrid * j];
-        acc[i][j] = scale - T(2) * acc[i][j];
-        if (acc[i][j] <= tol * scale) refine |= 1u << (i * kSub + j);
-      }
-    // Block-uniform condition: every thread reaches the barriers inside.
-    if (__syncthreads_or(refine != 0)) {
-      T exact[kSub][kSub];
-#pragma unroll
-      for (int i = 0; i < kSub; ++i)
-#pragma unroll
-        for (int j = 0; j < kSub; ++j) exact[i][j] = T(0);
-      for (int64_t k0 = 0; k0 < d; k0 += BK) {
-        load_chunk<T, BK>(xs, x, n, d, row0, k0);
-        load_chunk<T, BK>(ys, y, m, d, col0, k0);
-        __syncthreads();
-        if (refine) {
-#pragma unroll 4
-          for (int k = 0; k < BK; ++k)
-#pragma unroll
-            for (int i = 0; i < kSub; ++i)
-#pragma unroll
-              for (int j = 0; j < kSub; ++j) {
-                const T diff = xs[k][ty + kGrid * i] - ys[k][tx + kGrid * j];
-                exact[i][j] = fma(diff, diff, exact[i][j]);
-              }
-        }
-        __syncthreads();
-      }
-#pragma unroll
-      for (int i = 0; i < kSub; ++i)
-#pragma unroll
-        for (int j = 0; j < kSub; ++j)
-          if (refine & (1u << (i * kSub + j))) acc[i][j] = exact[i][j];
-    }
-#pragma unroll
-    for (int i = 0; i < kSub; ++i)
-#pragma unroll
-      for (int j = 0; j < kSub; ++j) acc[i][j] = acc[i][j] > T(0) ? acc[i][j] : T(0);
+  if (dot) {
+    store_entries(out, acc, ~0u, n, m, row0, col0, tx, ty);
+    return;
   }
-
-  // A row of kGrid threads writes kGrid consecutive entries: coalesced stores.
+  if (threadIdx.x < kTile) norm_x[threadIdx.x] = norm;
+  else if (threadIdx.x < 2 * kTile) norm_y[threadIdx.x - kTile] = norm;
+  __syncthreads();
+  unsigned refine = 0;  // bit i * kSub + j: entry (i, j) needs the exact recomputation
 #pragma unroll
-  for (int i = 0; i < kSub; ++i) {
-    const int64_t r = row0 + ty + kGrid * i;
-    if (r >= n) continue;
+  for (int i = 0; i < kSub; ++i)
 #pragma unroll
     for (int j = 0; j < kSub; ++j) {
-      const int64_t c = col0 + tx + kGrid * j;
-      if (c < m) out[r * m + c] = acc[i][j];
+      const T scale = norm_x[ty + kGrid * i] + norm_y[tx + kGrid * j];
+      const T dist = scale - T(2) * acc[i][j];
+      if (dist <= tol * scale) refine |= 1u << (i * kSub + j);
+      acc[i][j] = dist > T(0) ? dist : T(0);
     }
+  store_entries(out, acc, ~0u, n, m, row0, col0, tx, ty);
+  // Block-uniform condition: every thread reaches the barriers inside. The refined entries are
+  // accumulated in acc again and overwrite what was just stored.
+  if (__syncthreads_or(refine != 0)) {
+#pragma unroll
+    for (int i = 0; i < kSub; ++i)
+#pragma unroll
+      for (int j = 0; j < kSub; ++j) acc[i][j] = T(0);
+    for (int64_t k0 = 0; k0 < d; k0 += BK) {
+      load_chunk<T, BK>(xs, x, n, d, row0, k0);
+      load_chunk<T, BK>(ys, y, m, d, col0, k0);
+      __syncthreads();
+      if (refine) {
+#pragma unroll 4
+        for (int k = 0; k < BK; ++k)
+#pragma unroll
+          for (int i = 0; i < kSub; ++i)
+#pragma unroll
+            for (int j = 0; j < kSub; ++j) {
+              const T diff = xs[k][ty + kGrid * i] - ys[k][tx + kGrid * j];
+              acc[i][j] = fma(diff, diff, acc[i][j]);
+            }
+      }
+      __syncthreads();
+    }
+    store_entries(out, acc, refine, n, m, row0, col0, tx, ty);
   }
 }
 
