@@ -2,7 +2,8 @@
 //
 // A block computes a kTile x kTile tile of one problem. Over chunks of BK features it stages
 // x[rows, k0:k0+BK] and y[cols, k0:k0+BK] transposed in shared memory and accumulates
-// G_ij = sum_k x_ik y_jk, while two warps accumulate the tile's norms |x_i|^2 and |y_j|^2.
+// G_ij = sum_k x_ik y_jk, while 2 kTile threads (one per row of x and of y) accumulate the
+// tile's norms |x_i|^2 and |y_j|^2.
 // Then D_ij = |x_i|^2 + |y_j|^2 - 2 G_ij. That expansion cancels when D_ij is small next to the
 // norms, so if any entry of the tile has D_ij <= tol * (|x_i|^2 + |y_j|^2) the block streams the
 // chunks again and recomputes sum_k (x_ik - y_jk)^2 for those entries: exact zero for identical
