@@ -8,6 +8,7 @@
 // block, memory O(block * M)); with need_grad the same pass forms dL/ds (softmax minus the
 // positive indicator over |P|) and the input gradients by two more GEMMs, so backward is a scale.
 #include "common.h"
+#include "fast_exp.h"
 
 #include <cmath>
 #include <limits>
@@ -15,143 +16,168 @@
 namespace xlt_fast {
 namespace {
 
-constexpr int64_t kRowBlock = 256;
+// Rows per block: the logit block holds at most this many entries (16 MB in fp32).
+constexpr int64_t kBlockEntries = int64_t(1) << 22;
 
 enum Metric : int64_t { kDot = 0, kSqEuclidean = 1, kEuclidean = 2 };
 
-template <typename scalar_t>
-struct RowStats {
-  scalar_t loss;
+struct RowResult {
+  double loss;
   bool included;
 };
 
-// Turns one row of inner products into logits, computes the row loss, and (need_grad) overwrites
-// the row with dL/d(inner product) for a unit weight on this row.
-template <typename scalar_t>
-RowStats<scalar_t> dense_row(scalar_t* row, const scalar_t* norm_c, scalar_t norm_a, const int64_t* c_lab,
-                             int64_t a_lab, const bool* c_valid, int64_t self, int64_t M, scalar_t inv_temp,
-                             int64_t metric, bool need_grad, scalar_t* dist) {
-  const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
-  scalar_t mx = neg_inf;
-  scalar_t pos_sum = 0;
-  int64_t n_pos = 0;
+// One anchor row, in place: inner products -> logits -> (need_grad) G = dL/d<a, c> (dot) or dL/dD.
+// Three branch-free passes (logits and statistics, exp-sum, gradient) that vectorise; the
+// target_clones let the loader pick AVX2 code where the CPU has it.
+template <typename T, int64_t METRIC>
+__attribute__((target_clones("avx2", "default")))
+RowResult dense_row(T* __restrict row, T* __restrict dist, const T* __restrict norm_c, T norm_a,
+                    const int64_t* __restrict c_lab, int64_t a_lab, const bool* __restrict c_valid, int64_t self,
+                    int64_t M, T inv_temp, bool need_grad) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  T mx = neg_inf, pos_sum = 0, n_pos = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : pos_sum, n_pos)
   for (int64_t j = 0; j < M; ++j) {
-    scalar_t s = row[j];
-    if (metric != kDot) {
-      scalar_t d2 = norm_a + norm_c[j] - 2 * s;
-      d2 = d2 > 0 ? d2 : scalar_t(0);
-      dist[j] = metric == kEuclidean ? std::sqrt(d2) : d2;
-      s = -dist[j];
+    T s = row[j];
+    if (METRIC != kDot) {
+      T d2 = norm_a + norm_c[j] - 2 * s;
+      d2 = d2 > 0 ? d2 : T(0);
+      const T dj = METRIC == kEuclidean ? std::sqrt(d2) : d2;
+      dist[j] = dj;
+      s = -dj;
     }
     s *= inv_temp;
     const bool den = c_valid[j] && j != self;
+    const bool pos = den && c_lab[j] == a_lab;
     row[j] = den ? s : neg_inf;
-    if (den) {
-      mx = s > mx ? s : mx;
-      if (c_lab[j] == a_lab) {
-        pos_sum += s;
-        ++n_pos;
-      }
-    }
+    mx = den && s > mx ? s : mx;
+    pos_sum += pos ? s : T(0);
+    n_pos += pos ? T(1) : T(0);
   }
   if (n_pos == 0) {
-    if (need_grad) std::fill(row, row + M, scalar_t(0));
-    return {scalar_t(0), false};
+    if (need_grad) std::fill(row, row + M, T(0));
+    return {0.0, false};
   }
-  scalar_t sum = 0;
-  for (int64_t j = 0; j < M; ++j) sum += std::exp(row[j] - mx);  // exp(-inf) = 0 off D(i)
-  const scalar_t lse = mx + std::log(sum);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < M; ++j) sum += exp_approx(row[j] - mx);  // 0 off D(i) (row = -inf)
+  const T lse = mx + std::log(sum);
   if (need_grad) {
-    const scalar_t inv_pos = scalar_t(1) / static_cast<scalar_t>(n_pos);
+    // G = softmax - [pos] / |P|, times ds/d(sim) = 1/tau; dL/dD = -G/tau or -G/(2 tau sqrt(D)).
+    const T inv_pos = T(1) / n_pos;
+    const T scale = METRIC == kDot ? inv_temp : -inv_temp;
+#pragma omp simd
     for (int64_t j = 0; j < M; ++j) {
-      const bool den = c_valid[j] && j != self;
-      scalar_t g = den ? std::exp(row[j] - lse) - (c_lab[j] == a_lab ? inv_pos : scalar_t(0)) : scalar_t(0);
-      g *= inv_temp;  // d s / d sim
-      if (metric == kDot) {
-        row[j] = g;  // dL/d<a, c>
-      } else if (metric == kSqEuclidean) {
-        row[j] = -g;  // dL/dD, D = |a - c|^2
-      } else {
-        row[j] = dist[j] > 0 ? -g / (2 * dist[j]) : scalar_t(0);  // dL/dD via D^(1/2)
-      }
+      const bool pos = c_valid[j] && j != self && c_lab[j] == a_lab;
+      T g = (exp_approx(row[j] - lse) - (pos ? inv_pos : T(0))) * scale;
+      if (METRIC == kEuclidean) g = dist[j] > 0 ? g / (2 * dist[j]) : T(0);
+      row[j] = g;
     }
   }
-  return {lse - pos_sum / static_cast<scalar_t>(n_pos), true};
+  return {static_cast<double>(lse - pos_sum / n_pos), true};
+}
+
+template <typename T, int64_t METRIC>
+void dense_block(at::Tensor& blk, at::Tensor& dist, const at::Tensor& norm_a, const at::Tensor& norm_c,
+                 const at::Tensor& a_lab, const at::Tensor& c_lab, const at::Tensor& a_valid,
+                 const at::Tensor& c_valid, int64_t r0, bool exclude_self, T inv_temp, bool need_grad,
+                 std::vector<RowResult>& out) {
+  const int64_t rows = blk.size(0), M = blk.size(1);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = r0 + r;
+      T* row = blk.data_ptr<T>() + r * M;
+      if (!a_valid.data_ptr<bool>()[i]) {
+        std::fill(row, row + M, T(0));
+        out[r] = {0.0, false};
+        continue;
+      }
+      out[r] = dense_row<T, METRIC>(row, METRIC == kDot ? nullptr : dist.data_ptr<T>() + r * M,
+                                    METRIC == kDot ? nullptr : norm_c.data_ptr<T>(),
+                                    METRIC == kDot ? T(0) : norm_a.data_ptr<T>()[i], c_lab.data_ptr<int64_t>(),
+                                    a_lab.data_ptr<int64_t>()[i], c_valid.data_ptr<bool>(),
+                                    exclude_self ? i : -1, M, inv_temp, need_grad);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_dense_cpu(
-    const at::Tensor& a_in, const at::Tensor& c_in, const at::Tensor& a_lab_in, const at::Tensor& c_lab_in,
+    const at::Tensor& a_in, const std::optional<at::Tensor>& c_opt, const at::Tensor& a_lab_in, const at::Tensor& c_lab_in,
     const at::Tensor& a_valid_in, const at::Tensor& c_valid_in, double temperature, int64_t metric,
     bool exclude_self, bool need_grad) {
   check_cpu_float(a_in, "a");
-  check_cpu_float(c_in, "c");
   check_dim(a_in, 2, "a");
-  check_dim(c_in, 2, "c");
-  TORCH_CHECK(a_in.size(1) == c_in.size(1), "a and c must share the feature size d");
+  // c = None: the candidates are the anchors (supcon); then dL/dF = (G + G^T) F, one GEMM.
+  const bool symmetric = !c_opt.has_value();
+  if (!symmetric) {
+    check_cpu_float(*c_opt, "c");
+    check_dim(*c_opt, 2, "c");
+    TORCH_CHECK(a_in.size(1) == c_opt->size(1), "a and c must share the feature size d");
+  }
   TORCH_CHECK(metric >= 0 && metric <= 2, "metric code must be 0 (dot), 1 (sqeuclidean) or 2 (euclidean)");
-  const at::Tensor a = a_in.contiguous(), c = c_in.to(a.scalar_type()).contiguous();
+  const at::Tensor a = a_in.contiguous(), c = symmetric ? a : c_opt->to(a.scalar_type()).contiguous();
   const at::Tensor a_lab = a_lab_in.to(at::kLong).contiguous(), c_lab = c_lab_in.to(at::kLong).contiguous();
   const at::Tensor a_valid = a_valid_in.to(at::kBool).contiguous(), c_valid = c_valid_in.to(at::kBool).contiguous();
   const int64_t N = a.size(0), M = c.size(0);
   TORCH_CHECK(!exclude_self || N == M, "exclude_self needs as many anchors as candidates");
+  TORCH_CHECK(a_lab.numel() == N && a_valid.numel() == N && c_lab.numel() == M && c_valid.numel() == M,
+              "labels and validity masks must have one entry per row");
+  const int64_t block = std::max<int64_t>(1, std::min(N, kBlockEntries / std::max<int64_t>(M, 1)));
+  const bool whole = block == N;
+  const at::Tensor norm_a = metric == kDot ? at::Tensor() : a.square().sum(1).contiguous();
+  const at::Tensor norm_c = metric == kDot ? at::Tensor() : (symmetric ? norm_a : c.square().sum(1).contiguous());
   at::Tensor grad_a = need_grad ? at::zeros_like(a) : at::empty({0}, a.options());
-  at::Tensor grad_c = need_grad ? at::zeros_like(c) : at::empty({0}, c.options());
-  const at::Tensor norm_a = metric == kDot ? a.new_empty({0}) : a.square().sum(1).contiguous();
-  const at::Tensor norm_c = metric == kDot ? c.new_empty({0}) : c.square().sum(1).contiguous();
+  at::Tensor grad_c = need_grad && !symmetric ? at::zeros_like(c) : at::empty({0}, c.options());
+  at::Tensor dist = metric == kDot ? at::Tensor() : a.new_empty({block, M});
   double total = 0;
   int64_t n_included = 0;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "contrastive_dense_cpu", [&] {
-    const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);
-    at::Tensor dist = metric == kDot ? a.new_empty({0}) : a.new_empty({std::min(kRowBlock, N), M});
-    for (int64_t r0 = 0; r0 < N; r0 += kRowBlock) {
-      const int64_t rows = std::min(kRowBlock, N - r0);
-      const at::Tensor a_blk = a.narrow(0, r0, rows);
-      at::Tensor blk = at::mm(a_blk, c.t()).contiguous();  // inner products, then dL/d(.)
-      std::vector<scalar_t> row_loss(rows);
-      std::vector<char> row_in(rows);
-      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t i = r0 + r;
-          const bool valid = a_valid.data_ptr<bool>()[i];
-          scalar_t* row = blk.data_ptr<scalar_t>() + r * M;
-          if (!valid) {
-            std::fill(row, row + M, scalar_t(0));
-            row_in[r] = 0;
-            continue;
-          }
-          auto st = dense_row<scalar_t>(row, metric == kDot ? nullptr : norm_c.data_ptr<scalar_t>(),
-                                        metric == kDot ? scalar_t(0) : norm_a.data_ptr<scalar_t>()[i],
-                                        c_lab.data_ptr<int64_t>(), a_lab.data_ptr<int64_t>()[i],
-                                        c_valid.data_ptr<bool>(), exclude_self ? i : -1, M, inv_temp, metric,
-                                        need_grad, metric == kDot ? nullptr : dist.data_ptr<scalar_t>() + r * M);
-          row_loss[r] = st.loss;
-          row_in[r] = st.included;
-        }
-      });
-      for (int64_t r = 0; r < rows; ++r) {
-        if (row_in[r]) {
-          total += row_loss[r];
-          ++n_included;
-        }
-      }
-      if (!need_grad) continue;
-      // Input gradients from G = dL/d(inner product) (dot) or dL/dD (distances):
-      //   dot: grad_a = G c, grad_c = G^T a;  D = |a|^2 + |c|^2 - 2<a, c>:
-      //   grad_a = 2 (rowsum(G) a - G c), grad_c = 2 (colsum(G) c - G^T a).
-      at::Tensor ga = grad_a.narrow(0, r0, rows);
+  std::vector<RowResult> results(block);
+  for (int64_t r0 = 0; r0 < N; r0 += block) {
+    const int64_t rows = std::min(block, N - r0);
+    const at::Tensor a_blk = a.narrow(0, r0, rows);
+    at::Tensor g = at::mm(a_blk, c.t());  // inner products; the rows turn into G in place
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "contrastive_dense_cpu", [&] {
+      const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);
       if (metric == kDot) {
-        ga.copy_(at::mm(blk, c));
-        grad_c.add_(at::mm(blk.t(), a_blk));
+        dense_block<scalar_t, kDot>(g, dist, norm_a, norm_c, a_lab, c_lab, a_valid, c_valid, r0, exclude_self,
+                                    inv_temp, need_grad, results);
+      } else if (metric == kSqEuclidean) {
+        dense_block<scalar_t, kSqEuclidean>(g, dist, norm_a, norm_c, a_lab, c_lab, a_valid, c_valid, r0,
+                                            exclude_self, inv_temp, need_grad, results);
       } else {
-        ga.copy_((blk.sum(1, true) * a_blk - at::mm(blk, c)) * 2);
-        grad_c.add_((blk.sum(0).unsqueeze(1) * c - at::mm(blk.t(), a_blk)) * 2);
+        dense_block<scalar_t, kEuclidean>(g, dist, norm_a, norm_c, a_lab, c_lab, a_valid, c_valid, r0,
+                                          exclude_self, inv_temp, need_grad, results);
+      }
+    });
+    for (int64_t r = 0; r < rows; ++r) {
+      if (results[r].included) {
+        total += results[r].loss;
+        ++n_included;
       }
     }
-  });
+    if (!need_grad) continue;
+    // dot: grad_a = G c, grad_c = G^T a; distances: grad_a = 2 (rowsum(G) a - G c),
+    // grad_c = 2 (colsum(G) c - G^T a). In the symmetric case both land in grad_a.
+    at::Tensor ga = grad_a.narrow(0, r0, rows);
+    if (symmetric && whole) {
+      const at::Tensor h = g + g.t();
+      ga.copy_(at::mm(h, a));
+      if (metric != kDot) ga.sub_(h.sum(1, true) * a).mul_(-2);
+      continue;
+    }
+    at::Tensor& gc = symmetric ? grad_a : grad_c;
+    if (metric == kDot) {
+      ga.add_(at::mm(g, c));
+      gc.add_(at::mm(g.t(), a_blk));
+    } else {
+      ga.add_((g.sum(1, true) * a_blk - at::mm(g, c)) * 2);
+      gc.add_((g.sum(0).unsqueeze(1) * c - at::mm(g.t(), a_blk)) * 2);
+    }
+  }
   const double scale = n_included > 0 ? 1.0 / static_cast<double>(n_included) : 0.0;
   if (need_grad) {
     grad_a.mul_(scale);
-    grad_c.mul_(scale);
+    if (!symmetric) grad_c.mul_(scale);
   }
   return {at::scalar_tensor(total * scale, a.options()), grad_a, grad_c};
 }
@@ -282,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor> negative_learning_cpu(const at::Tensor& logit
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(xlt_fast_C, m) {
-  m.def("contrastive_dense(Tensor a, Tensor c, Tensor a_labels, Tensor c_labels, Tensor a_valid, Tensor c_valid, "
+  m.def("contrastive_dense(Tensor a, Tensor? c, Tensor a_labels, Tensor c_labels, Tensor a_valid, Tensor c_valid, "
         "float temperature, int metric, bool exclude_self, bool need_grad) -> (Tensor, Tensor, Tensor)");
   m.def("candidate_softmax(Tensor anchor, Tensor candidates, Tensor candidate_valid, float temperature, int metric, "
         "bool need_grad) -> (Tensor, Tensor, Tensor)");

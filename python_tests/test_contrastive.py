@@ -159,6 +159,7 @@ def test_opcheck(backend, device):
     valid = torch.ones(9, dtype=torch.bool, device=device)
     if backend == "cpu":
         torch.library.opcheck(C.contrastive_dense, (a, c, lab, lab, valid, valid, 0.5, 1, True, True))
+        torch.library.opcheck(C.contrastive_dense, (a, None, lab, lab, valid, valid, 0.5, 0, True, True))
     else:
         torch.library.opcheck(C.contrastive_tiled, (a, c, lab, lab, valid, valid, 0.5, 1, True))
     cands = torch.randn(9, 4, 8, generator=g).to(device).requires_grad_()

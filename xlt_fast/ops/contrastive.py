@@ -38,7 +38,8 @@ def _register_precomputed_grad(op, n_inputs: int) -> None:
         ctx.save_for_backward(*output[1:])
 
     def backward(ctx, grad_loss, *_):
-        return tuple(grad_loss * g for g in ctx.saved_tensors) + (None,) * (n_inputs - len(ctx.saved_tensors))
+        grads = tuple(grad_loss * g if g.numel() else None for g in ctx.saved_tensors)
+        return grads + (None,) * (n_inputs - len(grads))
 
     op.register_autograd(backward, setup_context=setup)
 
@@ -46,17 +47,21 @@ def _register_precomputed_grad(op, n_inputs: int) -> None:
 # -- info_nce / supcon: anchors against candidates with label-defined positives ------------------
 
 @torch.library.custom_op("xlt_fast::contrastive_dense", mutates_args=())
-def contrastive_dense(a: Tensor, c: Tensor, a_labels: Tensor, c_labels: Tensor, a_valid: Tensor, c_valid: Tensor,
-                      temperature: float, metric: int, exclude_self: bool, need_grad: bool
+def contrastive_dense(a: Tensor, c: Optional[Tensor], a_labels: Tensor, c_labels: Tensor, a_valid: Tensor,
+                      c_valid: Tensor, temperature: float, metric: int, exclude_self: bool, need_grad: bool
                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """C++ kernel: ``(loss, dloss/da, dloss/dc)`` (gradients empty without ``need_grad``)."""
+    """C++ kernel: ``(loss, dloss/da, dloss/dc)`` (gradients empty without ``need_grad``).
+
+    ``c=None`` means the candidates are the anchors (supcon): the whole gradient is then in
+    dloss/da, formed as (G + G^T) a with one GEMM, and dloss/dc is empty."""
     return _backend.extension().contrastive_dense(a, c, a_labels, c_labels, a_valid, c_valid, temperature, metric,
                                                   exclude_self, need_grad)
 
 
 @contrastive_dense.register_fake
 def _(a, c, a_labels, c_labels, a_valid, c_valid, temperature, metric, exclude_self, need_grad):
-    return a.new_empty(()), _grad_or_empty(need_grad, a, a.shape), _grad_or_empty(need_grad, c, c.shape)
+    grad_c = _grad_or_empty(need_grad and c is not None, a, a.shape if c is None else c.shape)
+    return a.new_empty(()), _grad_or_empty(need_grad, a, a.shape), grad_c
 
 
 _register_precomputed_grad(contrastive_dense, 10)
@@ -115,14 +120,19 @@ contrastive_tiled.register_autograd(_tiled_backward, setup_context=_tiled_setup)
 
 
 def _prepare(a: Tensor, c: Tensor, metric: str, a_valid: Tensor, c_valid: Tensor):
-    """Kernel inputs: fp32/fp64 rows, unit rows for cosine, centred rows for distances."""
+    """Kernel inputs: fp32/fp64 rows, unit rows for cosine, centred rows for distances (when the
+    anchors are the candidates, as in supcon, both come back as one tensor)."""
+    same = a is c
     if a.dtype in (torch.float16, torch.bfloat16):
-        a, c = a.float(), c.float()
+        a = a.float()
+        c = a if same else c.float()
     if metric == "cosine":
-        return unit_rows(a), unit_rows(c)
-    if metric in ("sqeuclidean", "euclidean"):
+        a = unit_rows(a)
+        c = a if same else unit_rows(c)
+    elif metric in ("sqeuclidean", "euclidean"):
         center = masked_center(a.unsqueeze(0), c.unsqueeze(0), a_valid.unsqueeze(0), c_valid.unsqueeze(0))[0]
-        return a - center, c - center
+        a = a - center
+        c = a if same else c - center
     return a, c
 
 
@@ -133,8 +143,8 @@ def _label_loss(a: Tensor, c: Tensor, a_labels: Tensor, c_labels: Tensor, a_vali
     code = _METRIC_CODE[metric]
     if kind == "cpu":
         need_grad = torch.is_grad_enabled() and (a.requires_grad or c.requires_grad)
-        loss = contrastive_dense(a, c, a_labels, c_labels, a_valid, c_valid, temperature, code, exclude_self,
-                                 need_grad)[0]
+        loss = contrastive_dense(a, None if c is a else c, a_labels, c_labels, a_valid, c_valid, temperature, code,
+                                 exclude_self, need_grad)[0]
     else:
         loss = contrastive_tiled(a, c, a_labels, c_labels, a_valid, c_valid, temperature, code, exclude_self)[0]
     return loss.to(dtype)

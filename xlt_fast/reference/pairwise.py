@@ -20,9 +20,9 @@ def safe_sqrt(d2: Tensor) -> Tensor:
 
 
 def unit_rows(x: Tensor) -> Tensor:
-    """x / |x| row-wise; a zero row stays zero."""
+    """x / |x| row-wise (one reciprocal per row, then a product); a zero row stays zero."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.where(norm > 0, x / torch.where(norm > 0, norm, 1), 0)
+    return x * torch.where(norm > 0, 1 / torch.where(norm > 0, norm, 1), 0)
 
 
 def cosine_from_units(sq_half: Tensor, xn: Tensor, yn: Tensor) -> Tensor:
