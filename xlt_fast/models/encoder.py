@@ -61,13 +61,13 @@ class Encoder:
         """
         was_training = self.model.training
         self.model.eval()
-        chunks = []
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of similar length
+        out = torch.empty(len(texts), self.hidden_size, device=self.device)
         for start in range(0, len(texts), batch_size):
-            part = [prefix + t for t in texts[start:start + batch_size]]
-            states, mask = self.hidden_states(part, max_length)
-            chunks.append(mean_pool(states[layer], mask).float())
+            idx = order[start:start + batch_size]
+            states, mask = self.hidden_states([prefix + texts[i] for i in idx], max_length)
+            out[idx] = mean_pool(states[layer], mask).float()
         self.model.train(was_training)
-        out = torch.cat(chunks) if chunks else torch.empty(0, self.hidden_size, device=self.device)
         return torch.nn.functional.normalize(out, dim=-1) if normalize else out
 
 
