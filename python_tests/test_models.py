@@ -194,3 +194,13 @@ def test_corrupt_cache_is_rebuilt_never_used(encoder, tmp_path, monkeypatch):
 def test_load_encoder_unknown_name_offline():
     with pytest.raises(AssetError, match="multilingual-e5-small"):
         load_encoder("/nonexistent/encoder-directory", local_files_only=True)
+
+
+def test_load_encoder_any_hf_directory_with_dtype(encoder):
+    """The generic path (AutoModel/AutoTokenizer on a local directory) with another dtype."""
+    other = load_encoder(str(e5_checkpoint()), dtype=torch.bfloat16, local_files_only=True)
+    assert next(other.model.parameters()).dtype == torch.bfloat16
+    assert other.model.config.output_hidden_states
+    got = other.embed(TEXTS, prefix="query: ", normalize=True)
+    want = encoder.embed(TEXTS, prefix="query: ", normalize=True)
+    assert got.dtype == torch.float32 and (got * want).sum(1).min() > 0.98

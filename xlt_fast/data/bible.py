@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import util
@@ -110,7 +111,7 @@ def _connect() -> sqlite3.Connection:
 
 @lru_cache(maxsize=1)
 def _catalogue() -> dict[str, Translation]:
-    with _connect() as con:
+    with closing(_connect()) as con:
         names = dict(con.execute("SELECT bbName, bName FROM bibleRef WHERE bNumber = 66"))
     unknown = sorted(set(names) - set(_TRANSLATIONS) - set(_NOT_PUBLIC_DOMAIN))
     if unknown:
@@ -176,7 +177,7 @@ def clean_verse(text: str) -> str:
 
 @lru_cache(maxsize=8)
 def _verses(db_code: str) -> dict[tuple[int, int, int], str]:
-    with _connect() as con:
+    with closing(_connect()) as con:
         rows = con.execute("SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ?",
                            (db_code,)).fetchall()
     return {(b, c, v): clean_verse(t) for b, c, v, t in rows}
@@ -191,7 +192,7 @@ def load_verses(language: str, translation: str | None = None
 
 @lru_cache(maxsize=1)
 def _chapter_splits() -> dict[tuple[int, int], str]:
-    with _connect() as con:
+    with closing(_connect()) as con:
         chapters = con.execute("SELECT DISTINCT bNumber, cNumber FROM bible WHERE bbName = ?",
                                (get_translation("en").db_code,)).fetchall()
     out = {}

@@ -82,13 +82,13 @@ def load_encoder(name_or_path: str = E5_NAME, *, dtype: torch.dtype = torch.floa
     """
     from transformers import AutoModel, AutoTokenizer
 
-    source = name_or_path
+    source, model_kwargs = name_or_path, dict(hf_kwargs)
     if name_or_path == E5_NAME:
         source = str(e5_checkpoint(progress=progress))
-        hf_kwargs.setdefault("add_pooling_layer", False)  # e5 pools by mean; no pooler weights
+        model_kwargs["add_pooling_layer"] = False  # e5 pools by mean; it has no pooler weights
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **hf_kwargs)
-        model = AutoModel.from_pretrained(source, dtype=dtype, **hf_kwargs)
+        model = AutoModel.from_pretrained(source, dtype=dtype, **model_kwargs)
     except OSError as exc:
         raise AssetError(f"cannot load encoder {name_or_path!r}: it is neither a local model "
                          f"directory nor reachable on the Hugging Face hub ({exc}); the offline "
