@@ -222,6 +222,7 @@ def test_conll_iob1_read_convert_write(tmp_path):
     assert data.tokens == [["EU", "rejects", "German", "call"], ["Peter", "Blackburn", "Smith"]]
     iob2 = formats.read_conll(path, scheme="IOB1", convert_to="IOB2")
     assert iob2.tags == [["B-ORG", "O", "B-MISC", "O"], ["B-PER", "I-PER", "B-PER"]]
+    assert iob2.tag_names() == ["O", "B-MISC", "B-ORG", "B-PER", "I-PER"]
     bioes = [formats.convert_tags(t, "IOB2", "BIOES") for t in iob2.tags]
     assert bioes == [["S-ORG", "O", "S-MISC", "O"], ["B-PER", "E-PER", "S-PER"]]
     assert [formats.convert_tags(t, "BIOES", "IOB1") for t in bioes] == data.tags
