@@ -1,0 +1,170 @@
+"""Evaluation metrics for cross-lingual transfer.
+
+Classification (accuracy, macro-F1), entity-level F1 with the chunking rules of CoNLL's
+``conlleval`` (the default mode of seqeval; IOB1, IOB2 and BIOES tags), the conditional feature
+shift of IWDA (Tan et al., "Cross-lingual transfer with class-weighted language-invariant
+representations", ICLR 2022, eqs. 1-2), the total-variation prior shift, bilingual retrieval
+precision at k with cosine or CSLS scores (Conneau et al., "Word translation without parallel
+data", ICLR 2018) and Pearson correlation.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+ArrayLike = Sequence | np.ndarray | torch.Tensor
+
+
+def _np(x: ArrayLike) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Fraction of equal labels."""
+    t, p = _np(y_true), _np(y_pred)
+    if t.shape != p.shape or t.size == 0:
+        raise ValueError(f"need two non-empty label arrays of one shape, got {t.shape}, {p.shape}")
+    return float((t == p).mean())
+
+
+def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, labels: Sequence | None = None) -> float:
+    """Unweighted mean of the per-class F1 over ``labels`` (default: every label in either
+    array); a class with no true and no predicted example has F1 0."""
+    t, p = _np(y_true), _np(y_pred)
+    if t.shape != p.shape or t.size == 0:
+        raise ValueError(f"need two non-empty label arrays of one shape, got {t.shape}, {p.shape}")
+    classes = np.unique(np.concatenate([t, p])) if labels is None else np.asarray(labels)
+    scores = []
+    for c in classes:
+        tp = np.sum((t == c) & (p == c))
+        denom = np.sum(t == c) + np.sum(p == c)
+        scores.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(scores))
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    if tag in ("O", ""):
+        return "O", ""
+    prefix, _, kind = tag.partition("-")
+    if prefix not in ("B", "I", "E", "S") or not kind:
+        raise ValueError(f"tag {tag!r} is not O or B-/I-/E-/S-TYPE")
+    return prefix, kind
+
+
+def get_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Entities ``(type, first, last)`` (inclusive) of one tag sequence, by conlleval's rules.
+
+    A chunk ends before a B/S tag, after an E/S tag, on O, or when the type changes; it starts
+    on B/S, on a type change, or on I/E after O, E or S. This reads IOB1, IOB2 and BIOES alike.
+    """
+    entities = []
+    prev_tag, prev_type, start = "O", "", None
+    for i, full in enumerate(list(tags) + ["O"]):
+        tag, kind = _split_tag(full)
+        ends = (prev_tag in ("E", "S") or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
+                or (prev_tag != "O" and prev_type != kind))
+        if ends and start is not None:
+            entities.append((prev_type, start, i - 1))
+            start = None
+        starts = (tag in ("B", "S") or (prev_tag in ("E", "S", "O") and tag in ("E", "I"))
+                  or (tag != "O" and prev_type != kind))
+        if starts:
+            start = i
+        prev_tag, prev_type = tag, kind
+    return entities
+
+
+def entity_f1(y_true: Sequence[Sequence[str]], y_pred: Sequence[Sequence[str]]) -> float:
+    """Micro F1 over exactly matching entities (type and span) of tagged sentences."""
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} true sentences but {len(y_pred)} predicted")
+    gold, pred = set(), set()
+    for s, (t, p) in enumerate(zip(y_true, y_pred)):
+        if len(t) != len(p):
+            raise ValueError(f"sentence {s}: {len(t)} true tags but {len(p)} predicted")
+        gold.update((s, *e) for e in get_entities(t))
+        pred.update((s, *e) for e in get_entities(p))
+    tp = len(gold & pred)
+    if tp == 0:
+        return 0.0
+    precision, recall = tp / len(pred), tp / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def conditional_feature_shift(source: ArrayLike, source_labels: ArrayLike, target: ArrayLike,
+                              target_labels: ArrayLike) -> float:
+    """IWDA eqs. 1-2: mean over classes of the l1 distance between the class-conditional means
+    of source and target features ``[N, d]``; classes absent from either side are skipped."""
+    zs, ys = torch.as_tensor(_np(source), dtype=torch.float64), _np(source_labels)
+    zt, yt = torch.as_tensor(_np(target), dtype=torch.float64), _np(target_labels)
+    if zs.ndim != 2 or zt.ndim != 2 or zs.shape[1] != zt.shape[1]:
+        raise ValueError(f"features must be [N, d] with one d, got {tuple(zs.shape)}, {tuple(zt.shape)}")
+    if len(ys) != len(zs) or len(yt) != len(zt):
+        raise ValueError("one label per feature row is needed")
+    shared = np.intersect1d(ys, yt)
+    if shared.size == 0:
+        raise ValueError("no class occurs in both the source and the target labels")
+    dists = [(zs[torch.from_numpy(ys == c)].mean(0) - zt[torch.from_numpy(yt == c)].mean(0)).abs().sum()
+             for c in shared]
+    return float(torch.stack(dists).mean())
+
+
+def total_variation(p: ArrayLike, q: ArrayLike) -> float:
+    """Total-variation distance ``0.5 * sum |p - q|`` between two distributions."""
+    p, q = _np(p).astype(np.float64), _np(q).astype(np.float64)
+    if p.shape != q.shape:
+        raise ValueError(f"distributions of different shapes: {p.shape} vs {q.shape}")
+    return float(0.5 * np.abs(p - q).sum())
+
+
+def prior_shift(source_labels: ArrayLike, target_labels: ArrayLike, num_classes: int) -> float:
+    """Total-variation distance between the class frequencies of two label arrays."""
+    ps = np.bincount(_np(source_labels).astype(np.int64), minlength=num_classes)
+    pt = np.bincount(_np(target_labels).astype(np.int64), minlength=num_classes)
+    return total_variation(ps / ps.sum(), pt / pt.sum())
+
+
+def retrieval_scores(queries: ArrayLike, keys: ArrayLike, method: str = "cosine",
+                     csls_k: int = 10) -> torch.Tensor:
+    """``[Q, K]`` similarity of every query to every key: cosine, or CSLS
+    ``2 cos(x, y) - r_K(x) - r_Q(y)`` with ``r`` the mean cosine to the ``csls_k`` nearest
+    neighbours in the other set."""
+    x = torch.nn.functional.normalize(torch.as_tensor(_np(queries), dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(torch.as_tensor(_np(keys), dtype=torch.float64), dim=1)
+    cos = x @ y.T
+    if method == "cosine":
+        return cos
+    if method != "csls":
+        raise ValueError(f"unknown method {method!r}; expected 'cosine' or 'csls'")
+    if not 1 <= csls_k <= min(cos.shape):
+        raise ValueError(f"csls_k={csls_k} must be in 1..{min(cos.shape)}")
+    r_query = cos.topk(csls_k, dim=1).values.mean(1)
+    r_key = cos.topk(csls_k, dim=0).values.mean(0)
+    return 2 * cos - r_query[:, None] - r_key[None, :]
+
+
+def retrieval_precision_at_k(queries: ArrayLike, keys: ArrayLike, k: int = 1,
+                             method: str = "cosine", csls_k: int = 10,
+                             gold: ArrayLike | None = None) -> float:
+    """Fraction of queries whose gold key (default: the key of the same index) is among the
+    ``k`` highest-scoring keys."""
+    scores = retrieval_scores(queries, keys, method, csls_k)
+    gold_idx = torch.arange(scores.shape[0]) if gold is None else torch.as_tensor(_np(gold))
+    if gold_idx.shape != (scores.shape[0],) or not 1 <= k <= scores.shape[1]:
+        raise ValueError("need one gold key index per query and 1 <= k <= number of keys")
+    top = scores.topk(k, dim=1).indices
+    return float((top == gold_idx[:, None]).any(1).double().mean())
+
+
+def pearson(x: ArrayLike, y: ArrayLike) -> float:
+    """Pearson correlation coefficient of two 1-D samples."""
+    a, b = _np(x).astype(np.float64).ravel(), _np(y).astype(np.float64).ravel()
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError("need two samples of one size >= 2")
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    if denom == 0:
+        raise ValueError("Pearson correlation is undefined for a constant sample")
+    return float((a * b).sum() / denom)
