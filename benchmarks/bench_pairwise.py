@@ -17,11 +17,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         offset = torch.randn(d, generator=g) * 0.7
         x = (offset + torch.randn(B, n, d, generator=g)).to(device)
         y = (offset + torch.randn(B, m, d, generator=g)).to(device)
-        impls = {"reference": (lambda: xlt_fast.pairwise_distance(x.double(), y.double(), backend="reference"))
+        impls = {"reference": (lambda x=x, y=y: xlt_fast.pairwise_distance(x.double(), y.double(), backend="reference"))
                  if B * n * m * d <= 2**27 else None,
-                 "torch.cdist^2": lambda: torch.cdist(x, y).square()}
+                 "torch.cdist^2": lambda x=x, y=y: torch.cdist(x, y).square()}
         for name in kernel_backends(device, "cpu", "triton", "cuda"):
-            impls[name] = (lambda b=name: xlt_fast.pairwise_distance(x, y, "sqeuclidean", backend=b))
+            impls[name] = (lambda b=name, x=x, y=y: xlt_fast.pairwise_distance(x, y, "sqeuclidean", backend=b))
         impls = {k: v for k, v in impls.items() if v is not None}
         out.append(Case("pairwise_distance", f"B={B},n={n},m={m},d={d}", "fwd", impls, baseline="torch.cdist^2",
                         reference="reference" if "reference" in impls else None))
