@@ -1,6 +1,6 @@
 """RealNVP (8 affine couplings, conditioner width 512, d = 768) against nflows and normflows at
 equal configuration: same half/flipped-half masks, same conditioner (two hidden ReLU layers of
-width 512 and a linear head for shift and log-scale), the "exp" scale map, and the same weights
+width 512 and one linear output layer for log-scale and shift), the "exp" scale map, and the same weights
 copied in, so every implementation computes the same numbers and the max error is meaningful.
 
 Modes: ``fwd+bwd`` = log p(x) and the backward of its sum (all parameter gradients and dL/dx; the
@@ -22,15 +22,19 @@ from xlt_fast.nn import RealNVP
 D, N_COUPLINGS, HIDDEN = 768, 8, 512
 
 
-def _trunk(c, out: int) -> nn.Sequential:
-    """A copy of coupling ``c``'s conditioner as one Sequential whose last layer has ``out`` rows."""
-    a, b = c.net[0], c.net[2]
-    net = nn.Sequential(nn.Linear(a.in_features, a.out_features), nn.ReLU(),
-                        nn.Linear(b.in_features, b.out_features), nn.ReLU(), nn.Linear(b.out_features, out))
+def _conditioner(c, interleave: bool) -> nn.Sequential:
+    """A copy of coupling ``c``'s conditioner whose output rows are [t | s_raw] (nflows) or
+    interleaved t_0, s_0, t_1, s_1, ... (normflows) instead of our [s_raw | t]."""
+    net = copy.deepcopy(c.net)
+    w, b = c.net[4].weight.detach(), c.net[4].bias.detach()
+    m = c.d_m
     with torch.no_grad():
-        for src, dst in ((a, net[0]), (b, net[2])):
-            dst.weight.copy_(src.weight)
-            dst.bias.copy_(src.bias)
+        if interleave:
+            for dst, src in ((net[4].weight, w), (net[4].bias, b)):
+                dst[0::2], dst[1::2] = src[m:], src[:m]
+        else:
+            net[4].weight.copy_(torch.cat([w[m:], w[:m]]))
+            net[4].bias.copy_(torch.cat([b[m:], b[:m]]))
     return net
 
 
@@ -54,13 +58,7 @@ def nflows_peer(flow: RealNVP):
         def forward(self, x, context=None):
             return self.seq(x)
 
-    transforms = []
-    for c in flow.couplings:
-        net = _trunk(c, 2 * c.s_head.out_features)
-        with torch.no_grad():
-            net[4].weight.copy_(torch.cat([c.t_head.weight, c.s_head.weight]))
-            net[4].bias.copy_(torch.cat([c.t_head.bias, c.s_head.bias]))
-        transforms.append(ExpAffine(c.mask.int(), lambda i, o, net=net: Net(net)))
+    transforms = [ExpAffine(c.mask.int(), lambda i, o, c=c: Net(_conditioner(c, False))) for c in flow.couplings]
     return Flow(CompositeTransform(transforms), StandardNormal([flow.dim]))
 
 
@@ -71,13 +69,9 @@ def normflows_peer(flow: RealNVP):
 
     blocks = []
     for c in flow.couplings:
-        mlp = nf.nets.MLP([c.net[0].in_features, HIDDEN, HIDDEN, 2 * c.s_head.out_features])
-        net = _trunk(c, 2 * c.s_head.out_features)
+        mlp = nf.nets.MLP([c.net[0].in_features, HIDDEN, HIDDEN, 2 * c.d_m])
+        net = _conditioner(c, True)
         with torch.no_grad():
-            net[4].weight[0::2].copy_(c.t_head.weight)
-            net[4].weight[1::2].copy_(c.s_head.weight)
-            net[4].bias[0::2].copy_(c.t_head.bias)
-            net[4].bias[1::2].copy_(c.s_head.bias)
             for i in (0, 2, 4):
                 mlp.net[i].weight.copy_(net[i].weight)
                 mlp.net[i].bias.copy_(net[i].bias)

@@ -225,15 +225,20 @@ void check_inputs(const at::Tensor& x, const at::Tensor& s_raw, const at::Tensor
 
 constexpr int64_t kGrain = 8;
 
+// Rows with unit feature stride (any row stride): the conditioner's packed [s_raw | t] output is
+// read in place.
+at::Tensor rows(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
+
 std::tuple<at::Tensor, at::Tensor> coupling_forward_cpu(const at::Tensor& x_in, const at::Tensor& s_in,
                                                         const at::Tensor& t_in, const at::Tensor& mask,
                                                         int64_t scale, double clamp, bool inverse) {
   check_inputs(x_in, s_in, t_in);
   TORCH_CHECK(scale >= 0 && scale <= 2, "scale must be 0 (exp), 1 (tanh) or 2 (atan), got ", scale);
-  const at::Tensor x = x_in.contiguous(), sr = s_in.contiguous(), t = t_in.contiguous();
+  const at::Tensor x = rows(x_in), sr = rows(s_in), t = rows(t_in);
   const int64_t N = x.size(0), d = x.size(1), d2 = sr.size(1);
+  const int64_t sx = x.stride(0), ss = sr.stride(0), st = t.stride(0);
   const Split sp = split_mask(mask, d, d2);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = at::empty({N, d}, x.options());
   at::Tensor logdet = at::empty({N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "coupling_forward_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -246,15 +251,15 @@ std::tuple<at::Tensor, at::Tensor> coupling_forward_cpu(const at::Tensor& x_in, 
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> xin(sp.contiguous ? 0 : d2), out(sp.contiguous ? 0 : d2);
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* xr = xp + r * d;
+        const scalar_t* xr = xp + r * sx;
         scalar_t* yr = yp + r * d;
         for (int64_t j : sp.iidx) yr[j] = xr[j];
         if (sp.contiguous) {
           const int64_t o = d2 ? sp.tidx[0] : 0;
-          lp[r] = fwd_span_any(xr + o, sp_ + r * d2, tp + r * d2, yr + o, d2, sc, c, inverse);
+          lp[r] = fwd_span_any(xr + o, sp_ + r * ss, tp + r * st, yr + o, d2, sc, c, inverse);
         } else {
           for (int64_t k = 0; k < d2; ++k) xin[k] = xr[sp.tidx[k]];
-          lp[r] = fwd_span_any(xin.data(), sp_ + r * d2, tp + r * d2, out.data(), d2, sc, c, inverse);
+          lp[r] = fwd_span_any(xin.data(), sp_ + r * ss, tp + r * st, out.data(), d2, sc, c, inverse);
           for (int64_t k = 0; k < d2; ++k) yr[sp.tidx[k]] = out[k];
         }
       }
@@ -271,12 +276,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_backward_cpu(
   TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), "grad_y must have x's shape ", x_in.sizes());
   TORCH_CHECK(grad_logdet_in.dim() == 1 && grad_logdet_in.size(0) == x_in.size(0),
               "grad_logdet must have shape (N,)");
-  const at::Tensor x = x_in.contiguous(), sr = s_in.contiguous(), t = t_in.contiguous();
-  const at::Tensor g = grad_y_in.to(x.scalar_type()).contiguous();
+  const at::Tensor x = rows(x_in), sr = rows(s_in), t = rows(t_in);
+  const at::Tensor g = rows(grad_y_in.to(x.scalar_type()));
   const at::Tensor gld = grad_logdet_in.to(x.scalar_type()).contiguous();
   const int64_t N = x.size(0), d = x.size(1), d2 = sr.size(1);
+  const int64_t sx = x.stride(0), ss = sr.stride(0), st = t.stride(0), sg = g.stride(0);
   const Split sp = split_mask(mask, d, d2);
-  at::Tensor gx = at::empty_like(x), gs = at::empty_like(sr), gt = at::empty_like(t);
+  at::Tensor gx = at::empty({N, d}, x.options()), gs = at::empty({N, d2}, x.options()),
+             gt = at::empty({N, d2}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "coupling_backward_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* srp = sr.data_ptr<scalar_t>();
@@ -292,20 +299,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_backward_cpu(
       const int64_t buf = sp.contiguous ? 0 : d2;
       std::vector<scalar_t> gin(buf), xin(buf), gout(buf);
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* gr = gp + r * d;
-        const scalar_t* xr = xp + r * d;
+        const scalar_t* gr = gp + r * sg;
+        const scalar_t* xr = xp + r * sx;
         scalar_t* gxr = gxp + r * d;
         for (int64_t j : sp.iidx) gxr[j] = gr[j];
         if (sp.contiguous) {
           const int64_t o = d2 ? sp.tidx[0] : 0;
-          bwd_span_any(gr + o, glp[r], xr + o, srp + r * d2, tp + r * d2, gxr + o, gsp + r * d2, gtp + r * d2, d2,
+          bwd_span_any(gr + o, glp[r], xr + o, srp + r * ss, tp + r * st, gxr + o, gsp + r * d2, gtp + r * d2, d2,
                        sc, c, inverse);
         } else {
           for (int64_t k = 0; k < d2; ++k) {
             gin[k] = gr[sp.tidx[k]];
             xin[k] = xr[sp.tidx[k]];
           }
-          bwd_span_any(gin.data(), glp[r], xin.data(), srp + r * d2, tp + r * d2, gout.data(), gsp + r * d2,
+          bwd_span_any(gin.data(), glp[r], xin.data(), srp + r * ss, tp + r * st, gout.data(), gsp + r * d2,
                        gtp + r * d2, d2, sc, c, inverse);
           for (int64_t k = 0; k < d2; ++k) gxr[sp.tidx[k]] = gout[k];
         }

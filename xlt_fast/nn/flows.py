@@ -2,9 +2,9 @@
 
 Seed 002 models embedding densities with a Real-NVP flow whose couplings use fully connected
 networks of width 512 (trained with RMSprop, batch 32, lr 1e-4). Here each coupling's conditioner is
-exactly: ``Linear(d_id, hidden) -> ReLU -> Linear(hidden, hidden) -> ReLU`` followed by two linear
-heads ``Linear(hidden, d_m)`` for the raw log-scale ``s_raw`` and for the shift ``t``, where d_id and
-d_m are the numbers of conditioning and transformed features. The masks are index splits, not
+exactly: ``Linear(d_id, hidden) -> ReLU -> Linear(hidden, hidden) -> ReLU -> Linear(hidden, 2 d_m)``,
+whose output is ``[s_raw | t]`` (raw log-scale, shift), where d_id and d_m are the numbers of
+conditioning and transformed features. The masks are index splits, not
 multiplicative masks: the conditioner reads only the d_id conditioning features (a slice for
 ``"half"``, a stride-2 view for ``"alternating"``), so its GEMMs are half as wide as with a dense
 masked input. The elementwise rest (scale map, affine map, merge, log-det) is one fused kernel,
@@ -32,6 +32,44 @@ def split_indices(dim: int, mask: str, flip: bool) -> tuple[slice, slice]:
     else:
         a, b = slice(0, dim, 2), slice(1, dim, 2)
     return (b, a) if flip else (a, b)
+
+
+class _FusedCoupling(torch.autograd.Function):
+    """One coupling, conditioner included, with a hand-written backward (kernel backends).
+
+    Forward: ``h1 = relu(x_1 W1^T + b1)``, ``h2 = relu(h1 W2^T + b2)``, ``[s_raw | t] = h2 W3^T + b3``
+    (three GEMMs, ReLU in place), then the fused epilogue kernel. Backward: the epilogue's backward
+    kernel, then per layer ``dW = G^T h``, ``db = sum G``, ``G_prev = (G W) * 1[h > 0]``; dL/dx_1 is
+    accumulated by a GEMM straight into the conditioning columns of dL/dx. The same GEMMs as autograd,
+    without its per-op graph nodes, zero-filled slice gradients and extra additions.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+                mask: Tensor, cond: slice, d_m: int, scale: int, clamp: float, inverse: bool):
+        h1 = torch.addmm(b1, x[:, cond], w1.t()).relu_()
+        h2 = torch.addmm(b2, h1, w2.t()).relu_()
+        st = torch.addmm(b3, h2, w3.t())
+        y, logdet = torch.ops.xlt_fast_C.coupling_forward(x, st[:, :d_m], st[:, d_m:], mask, scale, clamp, inverse)
+        ctx.save_for_backward(x, h1, h2, st, w1, w2, w3, mask)
+        ctx.cfg = (cond, d_m, scale, clamp, inverse)
+        return y, logdet
+
+    @staticmethod
+    def backward(ctx, gy: Optional[Tensor], gl: Optional[Tensor]):
+        x, h1, h2, st, w1, w2, w3, mask = ctx.saved_tensors
+        cond, d_m, scale, clamp, inverse = ctx.cfg
+        gy = torch.zeros_like(x) if gy is None else gy
+        gl = x.new_zeros(x.shape[0]) if gl is None else gl
+        gx, gs, gt = torch.ops.xlt_fast_C.coupling_backward(gy, gl, x, st[:, :d_m], st[:, d_m:], mask, scale, clamp,
+                                                            inverse)
+        g3 = torch.cat([gs, gt], 1)
+        g2 = torch.ops.aten.threshold_backward(g3 @ w3, h2, 0)
+        g1 = torch.ops.aten.threshold_backward(g2 @ w2, h1, 0)
+        if ctx.needs_input_grad[0]:
+            gx[:, cond] += g1 @ w1
+        return (gx, g1.t() @ x[:, cond], g1.sum(0), g2.t() @ h1, g2.sum(0), g3.t() @ h2, g3.sum(0),
+                None, None, None, None, None, None)
 
 
 class AffineCoupling(nn.Module):
@@ -69,20 +107,24 @@ class AffineCoupling(nn.Module):
         m[self.trans] = True
         self.register_buffer("mask", m, persistent=False)
         d_id, d_m = int((~m).sum()), int(m.sum())
-        self.net = nn.Sequential(nn.Linear(d_id, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.s_head = nn.Linear(hidden, d_m)
-        self.t_head = nn.Linear(hidden, d_m)
+        self.d_m = d_m
+        self.net = nn.Sequential(nn.Linear(d_id, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 2 * d_m))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, mask={self.mask_kind!r}, scale={self.scale!r}, "
                 f"clamp={self.clamp}, flip={self.flip}")
 
     def conditioner(self, x1: Tensor) -> tuple[Tensor, Tensor]:
-        """``(s_raw, t)`` from the conditioning features ``x1 (N, d_id)``."""
-        h = self.net(x1)
-        return self.s_head(h), self.t_head(h)
+        """``(s_raw, t)`` from the conditioning features ``x1 (N, d_id)`` (views of one GEMM output)."""
+        st = self.net(x1)
+        return st[:, :self.d_m], st[:, self.d_m:]
 
     def _transform(self, x: Tensor, inverse: bool, kind: str) -> tuple[Tensor, Tensor]:
+        if kind != "reference" and x.dtype in (torch.float32, torch.float64):
+            l1, l2, l3 = self.net[0], self.net[2], self.net[4]
+            return _FusedCoupling.apply(x, l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias, self.mask,
+                                        self.cond, self.d_m, coupling_ops.SCALE_ID[self.scale], self.clamp, inverse)
         s_raw, t = self.conditioner(x[:, self.cond])
         return coupling_ops.run(x, s_raw, t, self.mask, self.scale, self.clamp, inverse, kind)
 

@@ -21,40 +21,17 @@ from xlt_fast import _backend, _validate as V
 from xlt_fast.reference.coupling import SCALES, coupling as ref_coupling
 
 # The kernels take the scale map as an integer: its index in SCALES.
-_SCALE_ID = {name: i for i, name in enumerate(SCALES)}
+SCALE_ID = {name: i for i, name in enumerate(SCALES)}
 
 
-@torch.library.custom_op("xlt_fast::coupling_epilogue", mutates_args=())
-def coupling_epilogue(x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor, scale: int, clamp: float,
-                      inverse: bool) -> tuple[Tensor, Tensor]:
-    """``(y, logdet)`` for ``x (N, d)``, ``s_raw, t (N, d_m)``, bool ``mask (d,)``; C++ or CUDA kernel."""
-    y, logdet = _backend.extension().coupling_forward(x, s_raw, t, mask, scale, clamp, inverse)
-    return y, logdet
+def _fake_forward(x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor, scale: int, clamp: float,
+                  inverse: bool) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape[0])
 
 
-@coupling_epilogue.register_fake
-def _(x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor, scale: int, clamp: float,
-      inverse: bool) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[0])
-
-
-@torch.library.custom_op("xlt_fast::coupling_epilogue_backward", mutates_args=())
-def coupling_epilogue_backward(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, s_raw: Tensor, t: Tensor,
-                               mask: Tensor, scale: int, clamp: float,
-                               inverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dL/dx, dL/ds_raw, dL/dt)`` of :func:`coupling_epilogue` in one kernel pass."""
-    gx, gs, gt = _backend.extension().coupling_backward(grad_y, grad_logdet, x, s_raw, t, mask, scale, clamp,
-                                                        inverse)
-    return gx, gs, gt
-
-
-@coupling_epilogue_backward.register_fake
-def _(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor, scale: int,
-      clamp: float, inverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    def fresh(a: Tensor) -> Tensor:
-        return torch.empty_like(a, memory_format=torch.contiguous_format)
-
-    return fresh(x), fresh(s_raw), fresh(t)
+def _fake_backward(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor,
+                   scale: int, clamp: float, inverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return x.new_empty(x.shape), s_raw.new_empty(s_raw.shape), t.new_empty(t.shape)
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -69,11 +46,21 @@ def _backward(ctx, grad_y: Optional[Tensor], grad_logdet: Optional[Tensor]):
         grad_y = torch.zeros_like(x)
     if grad_logdet is None:
         grad_logdet = x.new_zeros(x.shape[0])
-    gx, gs, gt = coupling_epilogue_backward(grad_y, grad_logdet, x, s_raw, t, mask, *ctx.args)
+    gx, gs, gt = torch.ops.xlt_fast_C.coupling_backward(grad_y, grad_logdet, x, s_raw, t, mask, *ctx.args)
     return gx, gs, gt, None, None, None, None
 
 
-coupling_epilogue.register_autograd(_backward, setup_context=_setup)
+def _register() -> None:
+    """Fake kernels and the autograd formula of the compiled ops ``xlt_fast_C::coupling_forward`` /
+    ``coupling_backward`` (schema in csrc/coupling_cpu.cpp, CPU and CUDA kernels). They are called
+    directly, without a Python custom-op layer: the modules call them once per coupling."""
+    torch.library.register_fake("xlt_fast_C::coupling_forward", _fake_forward)
+    torch.library.register_fake("xlt_fast_C::coupling_backward", _fake_backward)
+    torch.library.register_autograd("xlt_fast_C::coupling_forward", _backward, setup_context=_setup)
+
+
+if _backend.has_extension():
+    _register()
 
 
 def run(x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor, scale: str, clamp: float, inverse: bool,
@@ -88,7 +75,8 @@ def run(x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor, scale: str, clamp: fl
     dtype = x.dtype
     if dtype in (torch.float16, torch.bfloat16):
         x, s_raw, t = x.float(), s_raw.float(), t.float()
-    y, logdet = coupling_epilogue(x, s_raw, t, mask, _SCALE_ID[scale], float(clamp), bool(inverse))
+    y, logdet = torch.ops.xlt_fast_C.coupling_forward(x, s_raw, t, mask, SCALE_ID[scale], float(clamp),
+                                                      bool(inverse))
     return y.to(dtype), logdet
 
 
