@@ -97,7 +97,7 @@ def _inverse(fn, z: torch.Tensor):
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    batches = [32, 256] if quick else [32, 256, 4096]
+    batches = [32] if quick else [32, 256, 4096]
     torch.manual_seed(0)
     flow = RealNVP(D, N_COUPLINGS, HIDDEN, mask="half", scale="exp")
     ref = copy.deepcopy(flow).double()
