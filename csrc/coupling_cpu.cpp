@@ -5,7 +5,9 @@
 //   forward  y_m = x_m * exp(s) + t,     logdet = +sum s
 //   inverse  y_m = (x_m - t) * exp(-s),  logdet = -sum s
 // g: 0 "exp" g(u) = u; 1 "tanh" c tanh(u/c); 2 "atan" c (2/pi) atan(u/c).
-// The backward gives dL/dx, dL/ds_raw, dL/dt from dL/dy and dL/dlogdet in one pass too.
+// The backward gives dL/dx and [dL/ds_raw | dL/dt] (one (N, 2 d_m) tensor, the gradient of the
+// conditioner's packed output) from dL/dy and dL/dlogdet in one pass too. Inputs may have any row
+// stride (unit feature stride), so the packed [s_raw | t] output is read in place.
 //
 // fp32 rows use branchless exp/atan (Cephes-style polynomials, ~2 ulp) so that the inner loop
 // vectorises; the row functions are compiled for AVX-512, AVX2 and baseline x86-64 and picked at
@@ -268,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> coupling_forward_cpu(const at::Tensor& x_in, 
   return {y, logdet};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_backward_cpu(
+std::tuple<at::Tensor, at::Tensor> coupling_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& grad_logdet_in, const at::Tensor& x_in, const at::Tensor& s_in,
     const at::Tensor& t_in, const at::Tensor& mask, int64_t scale, double clamp, bool inverse) {
   check_inputs(x_in, s_in, t_in);
@@ -282,8 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_backward_cpu(
   const int64_t N = x.size(0), d = x.size(1), d2 = sr.size(1);
   const int64_t sx = x.stride(0), ss = sr.stride(0), st = t.stride(0), sg = g.stride(0);
   const Split sp = split_mask(mask, d, d2);
-  at::Tensor gx = at::empty({N, d}, x.options()), gs = at::empty({N, d2}, x.options()),
-             gt = at::empty({N, d2}, x.options());
+  at::Tensor gx = at::empty({N, d}, x.options()), gst = at::empty({N, 2 * d2}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "coupling_backward_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* srp = sr.data_ptr<scalar_t>();
@@ -291,8 +292,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_backward_cpu(
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* glp = gld.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
-    scalar_t* gsp = gs.data_ptr<scalar_t>();
-    scalar_t* gtp = gt.data_ptr<scalar_t>();
+    scalar_t* gsp = gst.data_ptr<scalar_t>();
+    scalar_t* gtp = gsp + d2;
+    const int64_t sgst = 2 * d2;
     const scalar_t c = static_cast<scalar_t>(clamp);
     const int sc = static_cast<int>(scale);
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
@@ -305,21 +307,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_backward_cpu(
         for (int64_t j : sp.iidx) gxr[j] = gr[j];
         if (sp.contiguous) {
           const int64_t o = d2 ? sp.tidx[0] : 0;
-          bwd_span_any(gr + o, glp[r], xr + o, srp + r * ss, tp + r * st, gxr + o, gsp + r * d2, gtp + r * d2, d2,
+          bwd_span_any(gr + o, glp[r], xr + o, srp + r * ss, tp + r * st, gxr + o, gsp + r * sgst, gtp + r * sgst, d2,
                        sc, c, inverse);
         } else {
           for (int64_t k = 0; k < d2; ++k) {
             gin[k] = gr[sp.tidx[k]];
             xin[k] = xr[sp.tidx[k]];
           }
-          bwd_span_any(gin.data(), glp[r], xin.data(), srp + r * ss, tp + r * st, gout.data(), gsp + r * d2,
-                       gtp + r * d2, d2, sc, c, inverse);
+          bwd_span_any(gin.data(), glp[r], xin.data(), srp + r * ss, tp + r * st, gout.data(), gsp + r * sgst,
+                       gtp + r * sgst, d2, sc, c, inverse);
           for (int64_t k = 0; k < d2; ++k) gxr[sp.tidx[k]] = gout[k];
         }
       }
     });
   });
-  return {gx, gs, gt};
+  return {gx, gst};
 }
 
 }  // namespace
@@ -328,7 +330,7 @@ TORCH_LIBRARY_FRAGMENT(xlt_fast_C, m) {
   m.def("coupling_forward(Tensor x, Tensor s_raw, Tensor t, Tensor mask, int scale, float clamp, bool inverse)"
         " -> (Tensor, Tensor)");
   m.def("coupling_backward(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor s_raw, Tensor t, Tensor mask,"
-        " int scale, float clamp, bool inverse) -> (Tensor, Tensor, Tensor)");
+        " int scale, float clamp, bool inverse) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(xlt_fast_C, CPU, m) {

@@ -8,15 +8,15 @@
 namespace xlt_fast {
 namespace cuda {
 
-// Rows are n, features d; every s* is a row stride in elements (feature stride 1). pos[j] is the
-// index of feature j among the transformed features, or -1. scale: 0 exp, 1 tanh, 2 atan.
+// Rows are n, features d (d <= 196608), dm = number of True entries of mask (the width of s_raw
+// and t); every s* is a row stride in elements (feature stride 1). scale: 0 exp, 1 tanh, 2 atan.
 struct CouplingArgs {
   bool double_precision = false;  // float64 tensors, else float32
-  int64_t n = 0, d = 0;
+  int64_t n = 0, d = 0, dm = 0;
   int scale = 0;
   double clamp = 2.0;
   bool inverse = false;
-  const int32_t* pos = nullptr;
+  const bool* mask = nullptr;       // d bools, True = transformed feature
   const void* x = nullptr;          // forward input (forward and backward)
   const void* s_raw = nullptr;
   const void* t = nullptr;

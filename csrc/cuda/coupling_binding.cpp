@@ -1,6 +1,6 @@
 // Torch-facing binding of the CUDA affine coupling epilogue (coupling.cu): validates the tensors,
-// builds the feature -> transformed-index map on the device (no host sync), launches on the current
-// stream and reports launch errors. Registers the CUDA kernels of the ops defined in
+// launches on the current stream and reports launch errors (no host sync: the mask's count of True
+// entries is checked against s_raw's width in Python). Registers the CUDA kernels of the ops defined in
 // csrc/coupling_cpu.cpp.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -35,15 +35,9 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& s_raw, 
               ": s_raw and t must have shape (N, d_m) with x's N, got ", s_raw.sizes(), " and ", t.sizes());
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 1 && mask.size(0) == x.size(1), "xlt_fast_C::", op,
               ": mask must be a bool tensor of shape (", x.size(1), ",)");
-  TORCH_CHECK(x.size(0) <= INT32_MAX && x.size(1) <= INT32_MAX, "xlt_fast_C::", op, ": too many rows or features");
+  TORCH_CHECK(x.size(0) <= INT32_MAX && x.size(1) <= 196608, "xlt_fast_C::", op,
+              ": at most 2^31 - 1 rows and 196608 features, got ", x.sizes());
   TORCH_CHECK(scale >= 0 && scale <= 2, "xlt_fast_C::", op, ": scale must be 0 (exp), 1 (tanh) or 2 (atan)");
-}
-
-// pos[j] = index of feature j among the transformed features, or -1. The count of True entries
-// must equal s_raw's width; the Python op checks it (checking here would need a host sync).
-at::Tensor positions(const at::Tensor& mask) {
-  const at::Tensor rank = mask.to(at::kInt).cumsum(0, at::kInt) - 1;
-  return at::where(mask, rank, at::full({}, -1, rank.options())).to(at::kInt).contiguous();
 }
 
 void check_launch(cudaError_t err, const char* op, const at::Tensor& x) {
@@ -58,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> coupling_forward_cuda(const at::Tensor& x_in,
   check_inputs(op, x_in, s_in, t_in, mask, scale);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows(x_in), sr = rows(s_in), t = rows(t_in);
-  const at::Tensor pos = positions(mask);
+  const at::Tensor m = mask.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor logdet = at::empty({x.size(0)}, x.options());
   cuda::CouplingArgs a;
@@ -68,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor> coupling_forward_cuda(const at::Tensor& x_in,
   a.scale = static_cast<int>(scale);
   a.clamp = clamp;
   a.inverse = inverse;
-  a.pos = pos.data_ptr<int32_t>();
+  a.dm = sr.size(1);
+  a.mask = m.data_ptr<bool>();
   a.x = x.data_ptr();
   a.sx = x.stride(0);
   a.s_raw = sr.data_ptr();
@@ -82,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> coupling_forward_cuda(const at::Tensor& x_in,
   return {y, logdet};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_backward_cuda(
+std::tuple<at::Tensor, at::Tensor> coupling_backward_cuda(
     const at::Tensor& grad_y_in, const at::Tensor& grad_logdet_in, const at::Tensor& x_in, const at::Tensor& s_in,
     const at::Tensor& t_in, const at::Tensor& mask, int64_t scale, double clamp, bool inverse) {
   const char* op = "coupling_backward";
@@ -96,10 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_backward_cuda(
   const at::Tensor x = rows(x_in), sr = rows(s_in), t = rows(t_in);
   const at::Tensor g = rows(grad_y_in.to(x.scalar_type()));
   const at::Tensor gl = grad_logdet_in.to(x.scalar_type()).contiguous();
-  const at::Tensor pos = positions(mask);
+  const at::Tensor m = mask.contiguous();
   at::Tensor gx = at::empty(x.sizes(), x.options());
-  at::Tensor gs = at::empty(sr.sizes(), sr.options());
-  at::Tensor gt = at::empty(t.sizes(), t.options());
+  at::Tensor gst = at::empty({x.size(0), 2 * sr.size(1)}, x.options());  // [dL/ds_raw | dL/dt]
   cuda::CouplingArgs a;
   a.double_precision = x.scalar_type() == at::kDouble;
   a.n = x.size(0);
@@ -107,7 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_backward_cuda(
   a.scale = static_cast<int>(scale);
   a.clamp = clamp;
   a.inverse = inverse;
-  a.pos = pos.data_ptr<int32_t>();
+  a.dm = sr.size(1);
+  a.mask = m.data_ptr<bool>();
   a.x = x.data_ptr();
   a.sx = x.stride(0);
   a.s_raw = sr.data_ptr();
@@ -119,12 +114,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupling_backward_cuda(
   a.grad_logdet = gl.data_ptr();
   a.grad_x = gx.data_ptr();
   a.sgx = gx.stride(0);
-  a.grad_s = gs.data_ptr();
-  a.sgs = gs.stride(0);
-  a.grad_t = gt.data_ptr();
-  a.sgt = gt.stride(0);
+  a.grad_s = gst.data_ptr();
+  a.sgs = gst.stride(0);
+  a.grad_t = static_cast<char*>(gst.data_ptr()) + sr.size(1) * gst.element_size();
+  a.sgt = gst.stride(0);
   check_launch(cuda::coupling_backward(a, c10::cuda::getCurrentCUDAStream()), op, x);
-  return {gx, gs, gt};
+  return {gx, gst};
 }
 
 }  // namespace

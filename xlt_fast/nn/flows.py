@@ -38,17 +38,19 @@ class _FusedCoupling(torch.autograd.Function):
     """One coupling, conditioner included, with a hand-written backward (kernel backends).
 
     Forward: ``h1 = relu(x_1 W1^T + b1)``, ``h2 = relu(h1 W2^T + b2)``, ``[s_raw | t] = h2 W3^T + b3``
-    (three GEMMs, ReLU in place), then the fused epilogue kernel. Backward: the epilogue's backward
-    kernel, then per layer ``dW = G^T h``, ``db = sum G``, ``G_prev = (G W) * 1[h > 0]``; dL/dx_1 is
-    accumulated by a GEMM straight into the conditioning columns of dL/dx. The same GEMMs as autograd,
+    (three GEMMs with bias and ReLU in their epilogue), then the fused epilogue kernel. Backward: the epilogue's backward
+    kernel (which returns the packed gradient of ``[s_raw | t]``), then per layer ``dW = G^T h``,
+    ``db = sum G``, ``G_prev = (G W) * 1[h > 0]``; dL/dx_1 is accumulated by a GEMM straight into the
+    conditioning columns of dL/dx. The same GEMMs as autograd,
     without its per-op graph nodes, zero-filled slice gradients and extra additions.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
                 mask: Tensor, cond: slice, d_m: int, scale: int, clamp: float, inverse: bool):
-        h1 = torch.addmm(b1, x[:, cond], w1.t()).relu_()
-        h2 = torch.addmm(b2, h1, w2.t()).relu_()
+        # bias + ReLU in the GEMM's epilogue where the BLAS has one (cuBLASLt), else addmm + relu_
+        h1 = torch._addmm_activation(b1, x[:, cond], w1.t())
+        h2 = torch._addmm_activation(b2, h1, w2.t())
         st = torch.addmm(b3, h2, w3.t())
         y, logdet = torch.ops.xlt_fast_C.coupling_forward(x, st[:, :d_m], st[:, d_m:], mask, scale, clamp, inverse)
         ctx.save_for_backward(x, h1, h2, st, w1, w2, w3, mask)
@@ -61,13 +63,12 @@ class _FusedCoupling(torch.autograd.Function):
         cond, d_m, scale, clamp, inverse = ctx.cfg
         gy = torch.zeros_like(x) if gy is None else gy
         gl = x.new_zeros(x.shape[0]) if gl is None else gl
-        gx, gs, gt = torch.ops.xlt_fast_C.coupling_backward(gy, gl, x, st[:, :d_m], st[:, d_m:], mask, scale, clamp,
-                                                            inverse)
-        g3 = torch.cat([gs, gt], 1)
+        gx, g3 = torch.ops.xlt_fast_C.coupling_backward(gy, gl, x, st[:, :d_m], st[:, d_m:], mask, scale, clamp,
+                                                        inverse)
         g2 = torch.ops.aten.threshold_backward(g3 @ w3, h2, 0)
         g1 = torch.ops.aten.threshold_backward(g2 @ w2, h1, 0)
         if ctx.needs_input_grad[0]:
-            gx[:, cond] += g1 @ w1
+            gx[:, cond].addmm_(g1, w1)  # accumulated by the GEMM in place
         return (gx, g1.t() @ x[:, cond], g1.sum(0), g2.t() @ h1, g2.sum(0), g3.t() @ h2, g3.sum(0),
                 None, None, None, None, None, None)
 

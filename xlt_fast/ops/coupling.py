@@ -8,7 +8,8 @@ is one pass too, with the exact Jacobian of the elementwise map:
     forward:  dL/dx_m = G e^s,   dL/dt = G,        dL/ds_raw = (G x_m e^s + L) g'(s_raw)
     inverse:  dL/dx_m = G e^-s,  dL/dt = -G e^-s,  dL/ds_raw = -(G e^-s (x_m - t) + L) g'(s_raw)
 
-with ``G = dL/dy_m``, ``L = dL/dlogdet`` and dL/dx_~m = dL/dy_~m.
+with ``G = dL/dy_m``, ``L = dL/dlogdet`` and dL/dx_~m = dL/dy_~m. The backward kernel returns
+``[dL/ds_raw | dL/dt]`` as one ``(N, 2 d_m)`` tensor: the gradient of a conditioner's packed output.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def _fake_forward(x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor, scale: int,
 
 
 def _fake_backward(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor,
-                   scale: int, clamp: float, inverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return x.new_empty(x.shape), s_raw.new_empty(s_raw.shape), t.new_empty(t.shape)
+                   scale: int, clamp: float, inverse: bool) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], 2 * s_raw.shape[1])
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -46,8 +47,9 @@ def _backward(ctx, grad_y: Optional[Tensor], grad_logdet: Optional[Tensor]):
         grad_y = torch.zeros_like(x)
     if grad_logdet is None:
         grad_logdet = x.new_zeros(x.shape[0])
-    gx, gs, gt = torch.ops.xlt_fast_C.coupling_backward(grad_y, grad_logdet, x, s_raw, t, mask, *ctx.args)
-    return gx, gs, gt, None, None, None, None
+    gx, gst = torch.ops.xlt_fast_C.coupling_backward(grad_y, grad_logdet, x, s_raw, t, mask, *ctx.args)
+    d_m = s_raw.shape[1]
+    return gx, gst[:, :d_m], gst[:, d_m:], None, None, None, None
 
 
 def _register() -> None:
