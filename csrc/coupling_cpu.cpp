@@ -192,12 +192,49 @@ void bwd_span_any(const double* g, double gl, const double* xin, const double* s
   bwd_dispatch<double>(g, gl, xin, sr, t, gx, gs, gt, n, scale, c, inverse);
 }
 
-// Feature split from the bool mask: transformed indices (in order) and the others. A contiguous
-// transformed block (the "half" masks) is read and written in place, other masks go through
-// per-thread gather/scatter buffers.
+// The features of one role (transformed, or copied) in increasing order: an arithmetic progression
+// off + k * step when possible (the "half" masks: step 1, "alternating": step 2), else an index list.
+struct Features {
+  std::vector<int64_t> idx;
+  int64_t off = 0, step = 0;  // step 0: irregular, use idx
+  int64_t n = 0;
+};
+
+Features features(std::vector<int64_t> idx) {
+  Features f;
+  f.n = static_cast<int64_t>(idx.size());
+  f.off = f.n ? idx[0] : 0;
+  f.step = f.n > 1 ? idx[1] - idx[0] : 1;
+  for (int64_t k = 1; k < f.n && f.step; ++k)
+    if (idx[k] - idx[k - 1] != f.step) f.step = 0;
+  f.idx = std::move(idx);
+  return f;
+}
+
+// dst[k] = src[f_k] (gather), dst[f_k] = src[k] (scatter), dst[f_k] = src[f_k] (copy).
+template <typename T>
+void gather(const T* __restrict src, const Features& f, T* __restrict dst) {
+  if (f.step == 1) std::memcpy(dst, src + f.off, f.n * sizeof(T));
+  else if (f.step) for (int64_t k = 0; k < f.n; ++k) dst[k] = src[f.off + k * f.step];
+  else for (int64_t k = 0; k < f.n; ++k) dst[k] = src[f.idx[k]];
+}
+template <typename T>
+void scatter(const T* __restrict src, const Features& f, T* __restrict dst) {
+  if (f.step == 1) std::memcpy(dst + f.off, src, f.n * sizeof(T));
+  else if (f.step) for (int64_t k = 0; k < f.n; ++k) dst[f.off + k * f.step] = src[k];
+  else for (int64_t k = 0; k < f.n; ++k) dst[f.idx[k]] = src[k];
+}
+template <typename T>
+void copy(const T* __restrict src, const Features& f, T* __restrict dst) {
+  if (f.step == 1) std::memcpy(dst + f.off, src + f.off, f.n * sizeof(T));
+  else if (f.step) for (int64_t k = 0; k < f.n; ++k) dst[f.off + k * f.step] = src[f.off + k * f.step];
+  else for (int64_t j : f.idx) dst[j] = src[j];
+}
+
+// The mask's transformed (t) and copied (i) features. A contiguous transformed block is read and
+// written in place; other masks go through per-thread gather/scatter buffers.
 struct Split {
-  std::vector<int64_t> tidx, iidx;
-  bool contiguous = false;
+  Features t, i;
 };
 
 Split split_mask(const at::Tensor& mask, int64_t d, int64_t d2) {
@@ -205,12 +242,11 @@ Split split_mask(const at::Tensor& mask, int64_t d, int64_t d2) {
   TORCH_CHECK(mask.dim() == 1 && mask.size(0) == d, "mask must have shape (", d, ",), got ", mask.sizes());
   const at::Tensor m = mask.contiguous();
   const bool* p = m.data_ptr<bool>();
-  Split sp;
-  for (int64_t j = 0; j < d; ++j) (p[j] ? sp.tidx : sp.iidx).push_back(j);
-  TORCH_CHECK(static_cast<int64_t>(sp.tidx.size()) == d2, "mask has ", sp.tidx.size(),
+  std::vector<int64_t> tidx, iidx;
+  for (int64_t j = 0; j < d; ++j) (p[j] ? tidx : iidx).push_back(j);
+  TORCH_CHECK(static_cast<int64_t>(tidx.size()) == d2, "mask has ", tidx.size(),
               " True entries but s_raw and t have ", d2, " features; they must match");
-  sp.contiguous = d2 > 0 && sp.tidx.back() - sp.tidx.front() == d2 - 1;
-  return sp;
+  return {features(std::move(tidx)), features(std::move(iidx))};
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& s_raw, const at::Tensor& t) {
@@ -250,19 +286,19 @@ std::tuple<at::Tensor, at::Tensor> coupling_forward_cpu(const at::Tensor& x_in, 
     scalar_t* lp = logdet.data_ptr<scalar_t>();
     const scalar_t c = static_cast<scalar_t>(clamp);
     const int sc = static_cast<int>(scale);
+    const bool in_place = sp.t.step == 1;
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> xin(sp.contiguous ? 0 : d2), out(sp.contiguous ? 0 : d2);
+      std::vector<scalar_t> xin(in_place ? 0 : d2), out(in_place ? 0 : d2);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = xp + r * sx;
         scalar_t* yr = yp + r * d;
-        for (int64_t j : sp.iidx) yr[j] = xr[j];
-        if (sp.contiguous) {
-          const int64_t o = d2 ? sp.tidx[0] : 0;
-          lp[r] = fwd_span_any(xr + o, sp_ + r * ss, tp + r * st, yr + o, d2, sc, c, inverse);
+        copy(xr, sp.i, yr);
+        if (in_place) {
+          lp[r] = fwd_span_any(xr + sp.t.off, sp_ + r * ss, tp + r * st, yr + sp.t.off, d2, sc, c, inverse);
         } else {
-          for (int64_t k = 0; k < d2; ++k) xin[k] = xr[sp.tidx[k]];
+          gather(xr, sp.t, xin.data());
           lp[r] = fwd_span_any(xin.data(), sp_ + r * ss, tp + r * st, out.data(), d2, sc, c, inverse);
-          for (int64_t k = 0; k < d2; ++k) yr[sp.tidx[k]] = out[k];
+          scatter(out.data(), sp.t, yr);
         }
       }
     });
@@ -297,26 +333,25 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cpu(
     const int64_t sgst = 2 * d2;
     const scalar_t c = static_cast<scalar_t>(clamp);
     const int sc = static_cast<int>(scale);
+    const bool in_place = sp.t.step == 1;
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      const int64_t buf = sp.contiguous ? 0 : d2;
+      const int64_t buf = in_place ? 0 : d2;
       std::vector<scalar_t> gin(buf), xin(buf), gout(buf);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* gr = gp + r * sg;
         const scalar_t* xr = xp + r * sx;
         scalar_t* gxr = gxp + r * d;
-        for (int64_t j : sp.iidx) gxr[j] = gr[j];
-        if (sp.contiguous) {
-          const int64_t o = d2 ? sp.tidx[0] : 0;
+        copy(gr, sp.i, gxr);
+        if (in_place) {
+          const int64_t o = sp.t.off;
           bwd_span_any(gr + o, glp[r], xr + o, srp + r * ss, tp + r * st, gxr + o, gsp + r * sgst, gtp + r * sgst, d2,
                        sc, c, inverse);
         } else {
-          for (int64_t k = 0; k < d2; ++k) {
-            gin[k] = gr[sp.tidx[k]];
-            xin[k] = xr[sp.tidx[k]];
-          }
+          gather(gr, sp.t, gin.data());
+          gather(xr, sp.t, xin.data());
           bwd_span_any(gin.data(), glp[r], xin.data(), srp + r * ss, tp + r * st, gout.data(), gsp + r * sgst,
                        gtp + r * sgst, d2, sc, c, inverse);
-          for (int64_t k = 0; k < d2; ++k) gxr[sp.tidx[k]] = gout[k];
+          scatter(gout.data(), sp.t, gxr);
         }
       }
     });
