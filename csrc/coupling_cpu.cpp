@@ -1,4 +1,4 @@
-// Fused affine coupling epilogue on the CPU (Real-NVP, Dinh et al. 2017, eqs. 7-8).
+// Fused affine coupling epilogue on the CPU (Real-NVP, Dinh et al. 2017, eqs. 4-8).
 //
 // One pass per row after the conditioner's GEMM: scale map s = g(s_raw), the affine map of the
 // transformed features (mask True), the copy of the others, and the log-det row sum:

@@ -1,4 +1,4 @@
-// Fused affine coupling epilogue on the GPU (Real-NVP, Dinh et al. 2017, eqs. 7-8); no torch headers.
+// Fused affine coupling epilogue on the GPU (Real-NVP, Dinh et al. 2017, eqs. 4-8); no torch headers.
 //
 // One block per row. Each thread takes features j = threadIdx.x, + blockDim.x, ... (coalesced x/y
 // accesses). The block first packs the bool mask into 32-bit words in shared memory (warp ballots)

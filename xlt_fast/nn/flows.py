@@ -1,14 +1,14 @@
-"""Real-NVP affine coupling layers and flow (Dinh et al. 2017; seed 002, sec. 3 and App. A).
+"""Real-NVP affine coupling layers and flow (Dinh et al. 2017; seed 002, sec. 3.1 eq. 2 and App. A.1).
 
-Seed 002 models embedding densities with a Real-NVP flow whose couplings use fully connected
-networks of width 512 (trained with RMSprop, batch 32, lr 1e-4). Here each coupling's conditioner is
-exactly: ``Linear(d_id, hidden) -> ReLU -> Linear(hidden, hidden) -> ReLU -> Linear(hidden, 2 d_m)``,
-whose output is ``[s_raw | t]`` (raw log-scale, shift), where d_id and d_m are the numbers of
-conditioning and transformed features. The masks are index splits, not
-multiplicative masks: the conditioner reads only the d_id conditioning features (a slice for
-``"half"``, a stride-2 view for ``"alternating"``), so its GEMMs are half as wide as with a dense
-masked input. The elementwise rest (scale map, affine map, merge, log-det) is one fused kernel,
-:func:`xlt_fast.coupling`.
+Seed 002 models embedding densities with a Real-NVP flow "stacked with two FCNN networks with a
+dimension size of 512 for each", trained with RMSprop (batch 32, lr 1e-4). Here each coupling's
+conditioner is exactly ``Linear(d_id, hidden) -> ReLU -> Linear(hidden, hidden) -> ReLU ->
+Linear(hidden, 2 d_m)``, i.e. two fully connected hidden layers of width ``hidden`` (512 by default)
+and a linear output ``[s_raw | t]`` (raw log-scale, shift); d_id and d_m are the numbers of
+conditioning and transformed features. The masks are index splits, not multiplicative masks: the
+conditioner reads only the d_id conditioning features (a slice for ``"half"``, a stride-2 view for
+``"alternating"``), so its first GEMM is half as wide as with a dense masked input. The elementwise
+rest (scale map, affine map, merge, log-det) is one fused kernel, :func:`xlt_fast.coupling`.
 """
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ class _FusedCoupling(torch.autograd.Function):
     """One coupling, conditioner included, with a hand-written backward (kernel backends).
 
     Forward: ``h1 = relu(x_1 W1^T + b1)``, ``h2 = relu(h1 W2^T + b2)``, ``[s_raw | t] = h2 W3^T + b3``
-    (three GEMMs with bias and ReLU in their epilogue), then the fused epilogue kernel. Backward: the epilogue's backward
-    kernel (which returns the packed gradient of ``[s_raw | t]``), then per layer ``dW = G^T h``,
-    ``db = sum G``, ``G_prev = (G W) * 1[h > 0]``; dL/dx_1 is accumulated by a GEMM straight into the
-    conditioning columns of dL/dx. The same GEMMs as autograd,
-    without its per-op graph nodes, zero-filled slice gradients and extra additions.
+    (three GEMMs with bias and ReLU in their epilogue), then the fused epilogue kernel. Backward: the
+    epilogue's backward kernel (which returns the packed gradient of ``[s_raw | t]``), then per layer
+    ``dW = G^T h``, ``db = sum G``, ``G_prev = (G W) * 1[h > 0]``; dL/dx_1 is accumulated by a GEMM
+    straight into the conditioning columns of dL/dx. The same GEMMs as autograd, without its per-op
+    graph nodes, zero-filled slice gradients and extra additions; gradients nobody needs are skipped.
     """
 
     @staticmethod
@@ -67,10 +67,13 @@ class _FusedCoupling(torch.autograd.Function):
                                                         inverse)
         g2 = torch.ops.aten.threshold_backward(g3 @ w3, h2, 0)
         g1 = torch.ops.aten.threshold_backward(g2 @ w2, h1, 0)
-        if ctx.needs_input_grad[0]:
+        need = ctx.needs_input_grad
+        if need[0]:
             gx[:, cond].addmm_(g1, w1)  # accumulated by the GEMM in place
-        return (gx, g1.t() @ x[:, cond], g1.sum(0), g2.t() @ h1, g2.sum(0), g3.t() @ h2, g3.sum(0),
-                None, None, None, None, None, None)
+        params = []
+        for (g, h), (nw, nb) in zip(((g1, x[:, cond]), (g2, h1), (g3, h2)), (need[1:3], need[3:5], need[5:7])):
+            params += [g.t() @ h if nw else None, g.sum(0) if nb else None]
+        return (gx if need[0] else None, *params, None, None, None, None, None, None)
 
 
 class AffineCoupling(nn.Module):
@@ -83,8 +86,9 @@ class AffineCoupling(nn.Module):
         dim: number of features d (odd allowed; needs d >= 2).
         hidden: width of the conditioner's two hidden layers (512 in seed 002).
         mask: ``"half"`` (x_1 = the first d//2 features) or ``"alternating"`` (x_1 = even features).
-        scale: ``"exp"`` (plain Real-NVP), ``"tanh"`` or ``"atan"`` (soft clamp |s| < clamp).
-        clamp: bound c of the soft-clamped scale maps.
+        scale: ``"exp"`` (plain Real-NVP), ``"tanh"`` (default) or ``"atan"``: soft clamps |s| < clamp,
+            so every scale stays within exp(+-clamp) and nothing overflows at extreme inputs.
+        clamp: bound c of the soft-clamped scale maps (2.0).
         flip: swap the roles of the two feature sets (alternate it along a flow).
         backend: kernel for the epilogue: ``"auto" | "reference" | "cpu" | "cuda"``.
     """
@@ -122,6 +126,8 @@ class AffineCoupling(nn.Module):
         return st[:, :self.d_m], st[:, self.d_m:]
 
     def _transform(self, x: Tensor, inverse: bool, kind: str) -> tuple[Tensor, Tensor]:
+        """Kernel backends (fp32/fp64): the fused layer; otherwise autograd through the conditioner and
+        :func:`xlt_fast.ops.coupling.run` (the reference, or half precision computed in fp32)."""
         if kind != "reference" and x.dtype in (torch.float32, torch.float64):
             l1, l2, l3 = self.net[0], self.net[2], self.net[4]
             return _FusedCoupling.apply(x, l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias, self.mask,
@@ -148,7 +154,7 @@ class AffineCoupling(nn.Module):
 
 class RealNVP(nn.Module):
     """A Real-NVP flow: ``n_couplings`` affine couplings whose feature roles alternate
-    (coupling k has ``flip = k % 2 == 1``), over a standard normal base (Dinh et al. 2017, eq. 3).
+    (coupling k has ``flip = k % 2 == 1``), over a standard normal base.
 
     Direction: ``forward`` maps data x to latent z (the normalizing direction, as in nflows), so
     ``log p(x) = log N(z; 0, I) + log|det dz/dx|`` (seed 002, eq. 2); ``inverse`` and ``sample`` map

@@ -1,4 +1,4 @@
-"""``coupling``: the fused affine coupling epilogue (Real-NVP, Dinh et al. 2017, eqs. 7-8).
+"""``coupling``: the fused affine coupling epilogue (Real-NVP, Dinh et al. 2017, eqs. 4-8).
 
 After the conditioner's GEMMs have produced ``s_raw, t`` for the transformed features, one kernel
 pass per row applies the scale map ``s = g(s_raw)``, the affine map, the masked merge with the
@@ -94,7 +94,7 @@ def check_mask(mask: Tensor, d: int, device: torch.device, op: str) -> None:
 
 def coupling(x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor, scale: str = "exp", clamp: float = 2.0,
              inverse: bool = False, *, backend: _backend.Backend = "auto") -> tuple[Tensor, Tensor]:
-    """Affine coupling epilogue (Real-NVP, Dinh et al. 2017, eqs. 7-8; seed 002's flow).
+    """Affine coupling epilogue (Real-NVP, Dinh et al. 2017, eqs. 4-8; seed 002's flow).
 
     ``y_m = x_m * exp(s) + t`` on the transformed features (``mask`` True), ``y_~m = x_~m``, and
     ``logdet = sum_k s_k``; with ``inverse=True`` ``y_m = (x_m - t) * exp(-s)`` and

@@ -1,4 +1,4 @@
-"""Reference affine coupling epilogue (Real-NVP, Dinh et al. 2017, eqs. 7-8; seed 002 sec. 3).
+"""Reference affine coupling epilogue (Real-NVP, Dinh et al. 2017, eqs. 4-8; seed 002 sec. 3).
 
 With a boolean feature mask ``m`` (True = transformed) and the conditioner's raw outputs
 ``s_raw, t`` for the transformed features (in increasing feature order):
