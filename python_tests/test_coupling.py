@@ -287,6 +287,8 @@ def test_bad_inputs():
         AffineCoupling(1)
 
 
+# _backend's functools.cache helpers are traced through by dynamo (a warning, not an error)
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_flow_under_torch_compile():
     """The fused coupling (autograd.Function over the compiled ops with fake kernels) traces under
     torch.compile and gives the eager values and gradients."""
