@@ -145,3 +145,37 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         out.append(Case("realnvp", shape, "inverse", inv, baseline=base))
     return out
 
+
+
+def interleaved(batches: list[int], reps: int) -> None:
+    """Round-robin timing on one thread: each implementation's minimum CPU time (``time.process_time``)
+    over ``reps`` interleaved runs. On a machine shared with other jobs this keeps the ratios that
+    sequential wall-clock medians lose (they mostly measure the other jobs)."""
+    import time
+
+    torch.set_num_threads(1)
+    for case in cases(torch.device("cpu"), quick=False):
+        if int(case.shape.split(",")[0][2:]) not in batches:
+            continue
+        names = [n for n in case.impls if n != case.reference]
+        best = dict.fromkeys(names, float("inf"))
+        for n in names:
+            case.impls[n]()  # warm-up
+        for _ in range(reps):
+            for n in names:
+                t0 = time.process_time()
+                case.impls[n]()
+                best[n] = min(best[n], time.process_time() - t0)
+        base = best.get(case.baseline)
+        print(f"{case.shape} {case.mode}: " + ", ".join(
+            f"{n} {1e3 * t:.1f} ms" + (f" ({base / t:.2f}x)" if base else "") for n, t in best.items()), flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=interleaved.__doc__)
+    parser.add_argument("--batches", default="32,256,4096", help="comma-separated B")
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    interleaved([int(b) for b in args.batches.split(",")], args.reps)
