@@ -2,7 +2,9 @@
 
 Every op takes ``backend="auto" | "reference" | "cpu" | "triton" | "cuda"``; see ``xlt_fast.ops``.
 """
+from xlt_fast import nn
 from xlt_fast.ops.contrastive import info_nce, negative_contrastive, negative_learning, supcon
+from xlt_fast.ops.coupling import coupling
 from xlt_fast.ops.pairwise import pairwise_distance
 
 __version__ = "0.1.0"
@@ -13,4 +15,6 @@ __all__ = [
     "supcon",
     "negative_contrastive",
     "negative_learning",
+    "coupling",
+    "nn",
 ]

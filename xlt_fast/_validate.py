@@ -27,7 +27,7 @@ def finite(t: Tensor, name: str, op: str) -> None:
 def _tracing(t: Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
-    return is_fake(t) or torch.compiler.is_compiling()
+    return torch.compiler.is_compiling() or is_fake(t)  # dynamo cannot trace is_fake
 
 
 def points(t: Tensor, name: str, op: str) -> Tensor:

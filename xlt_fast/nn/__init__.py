@@ -1,1 +1,4 @@
 """Modules built on the ops: Wasserstein critics, coupling layers and flows."""
+from xlt_fast.nn.flows import AffineCoupling, RealNVP
+
+__all__ = ["AffineCoupling", "RealNVP"]
