@@ -103,8 +103,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     ref = copy.deepcopy(flow).double()
     for c in ref.couplings:
         c.backend = "reference"
-    flow = flow.to(device)
-    peers = {}
+    peers = {}  # built from the CPU flow (nflows derives buffers from the mask), then moved
     try:
         peers["nflows"] = nflows_peer(flow).to(device)
     except ImportError:
@@ -113,6 +112,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         peers["normflows"] = normflows_peer(flow).to(device)
     except ImportError:
         pass
+    flow = flow.to(device)
     out = []
     for B in batches:
         g = torch.Generator().manual_seed(B)
