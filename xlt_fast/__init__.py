@@ -2,8 +2,9 @@
 
 Every op takes ``backend="auto" | "reference" | "cpu" | "triton" | "cuda"``; see ``xlt_fast.ops``.
 """
+from xlt_fast.ops.critic import critic_gp
 from xlt_fast.ops.pairwise import pairwise_distance
 
 __version__ = "0.1.0"
 
-__all__ = ["pairwise_distance"]
+__all__ = ["critic_gp", "pairwise_distance"]

@@ -1,6 +1,7 @@
 """Pure-PyTorch reference implementations: differentiable, fp64-capable, the ground truth that
 every kernel is tested against. They favour clarity and exactness over speed and memory."""
+from xlt_fast.reference.critic import critic_gp
 from xlt_fast.reference.pairwise import pairwise_distance
 from xlt_fast.reference.contrastive import info_nce, negative_contrastive, negative_learning, supcon
 
-__all__ = ["pairwise_distance", "info_nce", "supcon", "negative_contrastive", "negative_learning"]
+__all__ = ["critic_gp", "pairwise_distance", "info_nce", "supcon", "negative_contrastive", "negative_learning"]
