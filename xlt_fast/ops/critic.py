@@ -164,11 +164,17 @@ def _params(critic_params: CriticParams) -> tuple[Tensor, Tensor, Tensor, Tensor
     return w1, b1, w2, b2.reshape(())
 
 
+def _tracing(t: Tensor) -> bool:
+    """Data checks are skipped under torch.compile / fake tensors (asked first: dynamo cannot trace
+    ``is_fake``, which ``V._tracing`` calls first)."""
+    return torch.compiler.is_compiling() or V._tracing(t)
+
+
 def _check_distribution(p: Tensor, name: str, rows: int, k: int) -> None:
     V.floating(p, name, OP)
     if tuple(p.shape) != (rows, k):
         raise ValueError(f"{OP}: {name} must have shape ({rows}, {k}) (rows, num_classes), got {tuple(p.shape)}")
-    if V._tracing(p):
+    if _tracing(p):
         return
     tol = 1e-2 if p.dtype in (torch.float16, torch.bfloat16) else 1e-4
     pd = p.detach()
@@ -203,7 +209,7 @@ def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight):
             raise ValueError(f"{OP}: src_weight must have shape ({n},) (one weight per source row), got "
                              f"{tuple(src_weight.shape)}")
         V.same_dtype_device(OP, z_src=z_src, src_weight=src_weight)
-        if not V._tracing(src_weight):
+        if not _tracing(src_weight):
             sw = src_weight.detach()
             if not bool(torch.isfinite(sw).all()) or bool((sw < 0).any()) or not bool(sw.sum() > 0):
                 raise ValueError(f"{OP}: src_weight must be finite, >= 0 and not all zero")
@@ -216,7 +222,7 @@ def _alpha(alpha: Optional[Tensor], generator: Optional[torch.Generator], K: int
         if tuple(alpha.shape) != (K,):
             raise ValueError(f"{OP}: alpha must have shape ({K},) (min(n, m) rows), got {tuple(alpha.shape)}")
         V.same_dtype_device(OP, z_src=like, alpha=alpha)
-        if not V._tracing(alpha) and not bool(((alpha >= 0) & (alpha <= 1)).all()):
+        if not _tracing(alpha) and not bool(((alpha >= 0) & (alpha <= 1)).all()):
             raise ValueError(f"{OP}: alpha must lie in [0, 1]")
         return alpha
     if generator is not None:
