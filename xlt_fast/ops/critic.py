@@ -12,9 +12,9 @@ Forward (N = n + m rows, K = min(n, m) interpolated rows, ``m_i = 1[h~_i > 0]``)
   * ``g_i = ∇_x f(x~_i) = W1^T u_i`` with ``u_i = m_i ⊙ w2`` (one GEMM), ``penalty = mean_i |g_i|^2``.
 
 Backward of the penalty P (the input gradient is piecewise constant in W1, b1 and x, so the
-masks are constants almost everywhere): with ``T = M~^T G`` (H, k*d),
-  ``∂P/∂W1 = (2/K) sum_i u_i g_i^T = (2/K) diag(w2) T``, ``∂P/∂w2 = (2/K) sum_i m_i ⊙ (W1 g_i)
-  = (2/K) rowdot(W1, T)``, ``∂P/∂b1 = ∂P/∂b2 = 0`` and ``∂P/∂x~ = 0`` a.e. So the features get the
+masks are constants almost everywhere): ``|g|^2 = u^T W1 W1^T u`` gives
+  ``∂P/∂W1 = (2/K) sum_i u_i g_i^T = (2/K) U^T G`` and ``∂P/∂w2 = (2/K) sum_i m_i ⊙ (W1 g_i)``, the
+  masked column sums of ``S = G W1^T`` (K, H); ``∂P/∂b1 = ∂P/∂b2 = 0`` and ``∂P/∂x~ = 0`` a.e. So the features get the
   penalty's gradient (zero) whether treated as constants (IWDA code) or not. The estimate's
   gradients are the usual ones: ``δ_r = coef_r m_r ⊙ w2``, ``∂/∂W1 = sum_r δ_r x_r^T``,
   ``∂/∂b1 = sum_r δ_r``, ``∂/∂w2 = sum_r coef_r relu(h_r)``, ``∂/∂z_r = W1^T δ_r`` (CDAN: contracted
@@ -53,10 +53,7 @@ def _critic_gp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, z_src: Tensor, z_
     n, d = z_src.shape
     H = w1.shape[0]
     k = w1.shape[1] // d
-    w1v = w1.contiguous().view(H * k, d)
-    y = z_src.new_empty(n + z_tgt.shape[0], H * k)
-    torch.mm(z_src, w1v.T, out=y[:n])
-    torch.mm(z_tgt, w1v.T, out=y[n:])
+    y = torch.mm(torch.cat([z_src, z_tgt]), w1.contiguous().view(H * k, d).T)
     p = None if p_src is None else torch.cat([p_src, p_tgt])
     estimate, f, h, mask_mix, u_mix = ext.critic_rows_fwd(y, p, b1, w2, b2, coef, alpha, n)
     g_mix = torch.mm(u_mix, w1)
@@ -74,40 +71,34 @@ def _(w1, b1, w2, b2, z_src, z_tgt, p_src, p_tgt, coef, alpha, backend):
 def _critic_gp_backward(grad_est: Tensor, grad_pen: Tensor, w1: Tensor, w2: Tensor, z_src: Tensor,
                         z_tgt: Tensor, p_src: Optional[Tensor], p_tgt: Optional[Tensor], coef: Tensor,
                         h: Tensor, mask_mix: Tensor, g_mix: Tensor, need_z: bool,
-                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dW1, db1, dw2, db2, dz_src, dz_tgt)`` in closed form (dz empty unless ``need_z``)."""
+                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dW1, db1, dw2, db2, dz)`` in closed form; ``dz`` is ``(n + m, d)`` (empty unless ``need_z``)."""
     ext = _stage(backend)
-    n, d = z_src.shape
-    H = w1.shape[0]
+    d, H = z_src.shape[1], w1.shape[0]
     k = w1.shape[1] // d
     p = None if p_src is None else torch.cat([p_src, p_tgt])
     e, gb1, gw2 = ext.critic_rows_bwd(h, p, w2, grad_est * coef)
-    gw1 = torch.mm(e[:n].T, z_src)
-    gw1.addmm_(e[n:].T, z_tgt)
-    gw1 = gw1.view(H, k * d)
-    t = torch.mm(mask_mix.T, g_mix)
-    gw2 = gw2 + ext.critic_gp_epilogue(gw1, t, w1, w2, grad_pen * (2.0 / mask_mix.shape[0]))
+    gw1 = torch.mm(e.T, torch.cat([z_src, z_tgt])).view(H, k * d)
+    gw2_pen, su = ext.critic_gp_epilogue(torch.mm(g_mix, w1.T), mask_mix, w2, grad_pen * (2.0 / mask_mix.shape[0]))
+    gw1.addmm_(su.T, g_mix)
+    gw2 = gw2 + gw2_pen
     gb2 = grad_est * coef.sum()
-    if need_z:
-        w1v = w1.contiguous().view(H * k, d)
-        dz_src, dz_tgt = torch.mm(e[:n], w1v), torch.mm(e[n:], w1v)
-    else:
-        dz_src, dz_tgt = z_src.new_empty(0), z_tgt.new_empty(0)
-    return gw1, gb1, gw2, gb2.reshape(()), dz_src, dz_tgt
+    dz = torch.mm(e, w1.contiguous().view(H * k, d)) if need_z else z_src.new_empty(0)
+    return gw1, gb1, gw2, gb2.reshape(()), dz
 
 
 @_critic_gp_backward.register_fake
 def _(grad_est, grad_pen, w1, w2, z_src, z_tgt, p_src, p_tgt, coef, h, mask_mix, g_mix, need_z, backend):
-    H = w1.shape[0]
-    dz = (z_src.new_empty(z_src.shape), z_tgt.new_empty(z_tgt.shape)) if need_z else (
-        z_src.new_empty(0), z_tgt.new_empty(0))
-    return (w1.new_empty(w1.shape), w1.new_empty(H), w1.new_empty(H), w1.new_empty(())) + dz
+    H, N = w1.shape[0], z_src.shape[0] + z_tgt.shape[0]
+    dz = z_src.new_empty(N, z_src.shape[1]) if need_z else z_src.new_empty(0)
+    return w1.new_empty(w1.shape), w1.new_empty(H), w1.new_empty(H), w1.new_empty(()), dz
 
 
 def _setup(ctx, inputs, output) -> None:
     w1, b1, w2, b2, z_src, z_tgt, p_src, p_tgt, coef, alpha, backend = inputs
     _, _, f, h, mask_mix, g_mix = output
     ctx.mark_non_differentiable(f, h, mask_mix, g_mix)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(w1, w2, z_src, z_tgt, p_src, p_tgt, coef, f, h, mask_mix, g_mix)
     ctx.backend = backend
 
@@ -118,9 +109,9 @@ def _backward(ctx, grad_est, grad_pen, *_):
     grad_est = zero if grad_est is None else grad_est
     grad_pen = zero if grad_pen is None else grad_pen
     need_z = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
-    gw1, gb1, gw2, gb2, dzs, dzt = _critic_gp_backward(grad_est, grad_pen, w1, w2, z_src, z_tgt, p_src, p_tgt,
-                                                       coef, h, mask_mix, g_mix, need_z, ctx.backend)
-    dzs, dzt = (dzs, dzt) if need_z else (None, None)
+    gw1, gb1, gw2, gb2, dz = _critic_gp_backward(grad_est, grad_pen, w1, w2, z_src, z_tgt, p_src, p_tgt,
+                                                 coef, h, mask_mix, g_mix, need_z, ctx.backend)
+    dzs, dzt = dz.split([z_src.shape[0], z_tgt.shape[0]]) if need_z else (None, None)
     return gw1, gb1, gw2, gb2, dzs, dzt, None, None, grad_est * f, None, None
 
 
