@@ -189,36 +189,40 @@ std::vector<at::Tensor> critic_rows_bwd_cpu(const at::Tensor& h_in, const c10::o
   return {e, gb1, gw2};
 }
 
-// Penalty epilogue with s = G W1^T (K, H), the rows' W1 g_i: returns grad_w2_j = scale sum_i m_ij s_ij
-// and su = scale m ⊙ w2 (K, H), the left GEMM operand of grad_W1 += su^T G.
-std::vector<at::Tensor> critic_gp_epilogue_cpu(const at::Tensor& s_in, const at::Tensor& mask_in,
-                                               const at::Tensor& w2_in, const at::Tensor& scale_in) {
-  check_cpu_float(s_in, "s");
-  check_dim(s_in, 2, "s");
-  TORCH_CHECK(mask_in.sizes() == s_in.sizes(), "mask must have the shape of s (K, H)");
-  const at::Tensor s = s_in.contiguous(), mask = mask_in.to(s.scalar_type()).contiguous();
-  const at::Tensor w2 = w2_in.to(s.scalar_type()).contiguous();
-  const int64_t K = s.size(0), H = s.size(1);
+// Penalty epilogue with t = M~^T G (H, k*d), t_j = sum_i m_ij g_i: grad_w1_j += scale w2_j t_j (in
+// place) and returns grad_w2_j = scale (W1_j . t_j) = scale sum_i m_ij (W1 g_i)_j.
+at::Tensor critic_gp_epilogue_cpu(at::Tensor& grad_w1, const at::Tensor& t_in, const at::Tensor& w1_in,
+                                  const at::Tensor& w2_in, const at::Tensor& scale_in) {
+  check_cpu_float(grad_w1, "grad_w1");
+  check_dim(grad_w1, 2, "grad_w1");
+  TORCH_CHECK(grad_w1.is_contiguous(), "grad_w1 must be contiguous");
+  TORCH_CHECK(t_in.sizes() == grad_w1.sizes() && w1_in.sizes() == grad_w1.sizes(),
+              "t and w1 must have the shape of grad_w1 (H, k*d)");
+  const auto st = grad_w1.scalar_type();
+  const at::Tensor t = t_in.to(st).contiguous(), w1 = w1_in.to(st).contiguous(), w2 = w2_in.to(st).contiguous();
+  const int64_t H = grad_w1.size(0), D = grad_w1.size(1);
   TORCH_CHECK(w2.numel() == H && scale_in.numel() == 1, "w2 must have H entries and scale one");
-  at::Tensor gw2 = at::empty({H}, s.options()), su = at::empty({K, H}, s.options());
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "critic_gp_epilogue_cpu", [&] {
+  at::Tensor gw2 = at::empty({H}, grad_w1.options());
+  AT_DISPATCH_FLOATING_TYPES(st, "critic_gp_epilogue_cpu", [&] {
     using acc_t = acc_type<scalar_t, false>;
-    const scalar_t *sp = s.data_ptr<scalar_t>(), *mp = mask.data_ptr<scalar_t>(), *w2p = w2.data_ptr<scalar_t>();
-    scalar_t *gp = gw2.data_ptr<scalar_t>(), *sup = su.data_ptr<scalar_t>();
+    const scalar_t *tp = t.data_ptr<scalar_t>(), *w1p = w1.data_ptr<scalar_t>(), *w2p = w2.data_ptr<scalar_t>();
+    scalar_t *gp = grad_w1.data_ptr<scalar_t>(), *outp = gw2.data_ptr<scalar_t>();
     const scalar_t scale = scale_in.item<scalar_t>();
-    at::parallel_for(0, H, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(end - begin, 0);
-      for (int64_t i = 0; i < K; ++i) {
-        for (int64_t j = begin; j < end; ++j) {
-          const scalar_t m = mp[i * H + j];
-          acc[j - begin] += static_cast<acc_t>(m) * sp[i * H + j];
-          sup[i * H + j] = scale * m * w2p[j];
+    at::parallel_for(0, H, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const scalar_t sw = scale * w2p[j];
+        const scalar_t *tj = tp + j * D, *wj = w1p + j * D;
+        scalar_t* gj = gp + j * D;
+        acc_t dot = 0;
+        for (int64_t x = 0; x < D; ++x) {
+          gj[x] += sw * tj[x];
+          dot += static_cast<acc_t>(wj[x]) * tj[x];
         }
+        outp[j] = static_cast<scalar_t>(scale * dot);
       }
-      for (int64_t j = begin; j < end; ++j) gp[j] = static_cast<scalar_t>(scale * acc[j - begin]);
     });
   });
-  return {gw2, su};
+  return gw2;
 }
 
 }  // namespace
@@ -228,7 +232,7 @@ TORCH_LIBRARY_FRAGMENT(xlt_fast_C, m) {
         "int n_src) -> Tensor[]");
   m.def("critic_penalty(Tensor g) -> Tensor");
   m.def("critic_rows_bwd(Tensor h, Tensor? p, Tensor w2, Tensor coef) -> Tensor[]");
-  m.def("critic_gp_epilogue(Tensor s, Tensor mask, Tensor w2, Tensor scale) -> Tensor[]");
+  m.def("critic_gp_epilogue(Tensor(a!) grad_w1, Tensor t, Tensor w1, Tensor w2, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(xlt_fast_C, CPU, m) {

@@ -13,8 +13,9 @@ Forward (N = n + m rows, K = min(n, m) interpolated rows, ``m_i = 1[h~_i > 0]``)
 
 Backward of the penalty P (the input gradient is piecewise constant in W1, b1 and x, so the
 masks are constants almost everywhere): ``|g|^2 = u^T W1 W1^T u`` gives
-  ``∂P/∂W1 = (2/K) sum_i u_i g_i^T = (2/K) U^T G`` and ``∂P/∂w2 = (2/K) sum_i m_i ⊙ (W1 g_i)``, the
-  masked column sums of ``S = G W1^T`` (K, H); ``∂P/∂b1 = ∂P/∂b2 = 0`` and ``∂P/∂x~ = 0`` a.e. So the features get the
+  ``∂P/∂W1 = (2/K) sum_i u_i g_i^T = (2/K) diag(w2) T`` and ``∂P/∂w2 = (2/K) sum_i m_i ⊙ (W1 g_i)
+  = (2/K) rowdot(W1, T)`` with ``T = M~^T G`` (H, k*d): one GEMM and a fused epilogue for both;
+  ``∂P/∂b1 = ∂P/∂b2 = 0`` and ``∂P/∂x~ = 0`` a.e. So the features get the
   penalty's gradient (zero) whether treated as constants (IWDA code) or not. The estimate's
   gradients are the usual ones: ``δ_r = coef_r m_r ⊙ w2``, ``∂/∂W1 = sum_r δ_r x_r^T``,
   ``∂/∂b1 = sum_r δ_r``, ``∂/∂w2 = sum_r coef_r relu(h_r)``, ``∂/∂z_r = W1^T δ_r`` (CDAN: contracted
@@ -79,9 +80,8 @@ def _critic_gp_backward(grad_est: Tensor, grad_pen: Tensor, w1: Tensor, w2: Tens
     p = None if p_src is None else torch.cat([p_src, p_tgt])
     e, gb1, gw2 = ext.critic_rows_bwd(h, p, w2, grad_est * coef)
     gw1 = torch.mm(e.T, torch.cat([z_src, z_tgt])).view(H, k * d)
-    gw2_pen, su = ext.critic_gp_epilogue(torch.mm(g_mix, w1.T), mask_mix, w2, grad_pen * (2.0 / mask_mix.shape[0]))
-    gw1.addmm_(su.T, g_mix)
-    gw2 = gw2 + gw2_pen
+    t = torch.mm(mask_mix.T, g_mix)
+    gw2 = gw2 + ext.critic_gp_epilogue(gw1, t, w1, w2, grad_pen * (2.0 / mask_mix.shape[0]))
     gb2 = grad_est * coef.sum()
     dz = torch.mm(e, w1.contiguous().view(H * k, d)) if need_z else z_src.new_empty(0)
     return gw1, gb1, gw2, gb2.reshape(()), dz
