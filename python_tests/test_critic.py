@@ -94,6 +94,14 @@ def test_one_output_used(backend, device, coefs):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_blocked_epilogue(backend, device, monkeypatch):
+    """The backward forms T = M~^T G in row blocks of W1 (7 rows here, the last one short)."""
+    monkeypatch.setattr(ops, "T_BLOCK", 7 * 15)
+    critic, data = _problem(6, 5, 5, 40, 3, True, torch.float64, device)
+    _assert_close(_run(critic, data, backend), _reference(critic, data), 1e-8)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_penalty_through_features_is_zero(backend, device):
     """Propagating the penalty to the features (no detach) gives the same feature gradients: the
     critic's input gradient is piecewise constant, so the penalty's is zero almost everywhere."""

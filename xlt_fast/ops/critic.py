@@ -35,6 +35,7 @@ from xlt_fast import _backend, _validate as V
 from xlt_fast.reference import critic as ref
 
 OP = "critic_gp"
+T_BLOCK = 2 ** 22  # entries of T = M~^T G formed at once in the backward (16 MiB in float32)
 CriticParams = Union[Sequence[Tensor], torch.nn.Module]
 
 
@@ -80,10 +81,14 @@ def _critic_gp_backward(grad_est: Tensor, grad_pen: Tensor, w1: Tensor, w2: Tens
     p = None if p_src is None else torch.cat([p_src, p_tgt])
     e, gb1, gw2 = ext.critic_rows_bwd(h, p, w2, grad_est * coef)
     gw1 = torch.mm(e.T, torch.cat([z_src, z_tgt])).view(H, k * d)
-    t = torch.mm(mask_mix.T, g_mix)
-    gw2 = gw2 + ext.critic_gp_epilogue(gw1, t, w1, w2, grad_pen * (2.0 / mask_mix.shape[0]))
+    w1 = w1.contiguous()
+    scale = grad_pen * (2.0 / mask_mix.shape[0])
+    rows = max(1, T_BLOCK // w1.shape[1])
+    for j0 in range(0, H, rows):  # T = M~^T G block by block: O(T_BLOCK) extra memory, not O(H k d)
+        t = torch.mm(mask_mix[:, j0:j0 + rows].T, g_mix)
+        gw2[j0:j0 + rows] += ext.critic_gp_epilogue(gw1[j0:j0 + rows], t, w1[j0:j0 + rows], w2[j0:j0 + rows], scale)
     gb2 = grad_est * coef.sum()
-    dz = torch.mm(e, w1.contiguous().view(H * k, d)) if need_z else z_src.new_empty(0)
+    dz = torch.mm(e, w1.view(H * k, d)) if need_z else z_src.new_empty(0)
     return gw1, gb1, gw2, gb2.reshape(()), dz
 
 
@@ -161,20 +166,29 @@ def _tracing(t: Tensor) -> bool:
     return torch.compiler.is_compiling() or V._tracing(t)
 
 
-def _check_distribution(p: Tensor, name: str, rows: int, k: int) -> None:
+def _value_checks(checks: list[tuple[Tensor, str]]) -> None:
+    """Raise the message of the first check whose flag (a bool tensor, True = bad) is set. All flags
+    are read back in one transfer (one host sync on a GPU); skipped while tracing."""
+    if not checks or _tracing(checks[0][0]):
+        return
+    flags = torch.stack([flag.reshape(()) for flag, _ in checks]).tolist()
+    for bad, (_, message) in zip(flags, checks):
+        if bad:
+            raise ValueError(f"{OP}: {message}")
+
+
+def _check_distribution(p: Tensor, name: str, rows: int, k: int, checks: list) -> None:
     V.floating(p, name, OP)
     if tuple(p.shape) != (rows, k):
         raise ValueError(f"{OP}: {name} must have shape ({rows}, {k}) (rows, num_classes), got {tuple(p.shape)}")
-    if _tracing(p):
-        return
     tol = 1e-2 if p.dtype in (torch.float16, torch.bfloat16) else 1e-4
     pd = p.detach()
-    if not bool(torch.isfinite(pd).all()) or bool((pd < 0).any()) or bool(((pd.sum(-1) - 1).abs() > tol).any()):
-        raise ValueError(f"{OP}: {name} must hold probability distributions (rows >= 0 summing to 1 "
-                         f"within {tol}), e.g. softmax(logits)")
+    bad = ~torch.isfinite(pd).all() | (pd < 0).any() | ((pd.sum(-1) - 1).abs() > tol).any()
+    checks.append((bad, f"{name} must hold probability distributions (rows >= 0 summing to 1 within {tol}), "
+                        f"e.g. softmax(logits)"))
 
 
-def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight):
+def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, checks: list):
     w1, b1, w2, b2 = _params(critic_params)
     for name, z in (("z_src", z_src), ("z_tgt", z_tgt)):
         V.floating(z, name, OP)
@@ -188,8 +202,8 @@ def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight):
         raise ValueError(f"{OP}: pass both p_src and p_tgt (CDAN) or neither")
     k = 1 if p_src is None else (p_src.shape[-1] if p_src.dim() == 2 else -1)
     if p_src is not None:
-        _check_distribution(p_src, "p_src", n, k)
-        _check_distribution(p_tgt, "p_tgt", m, k)
+        _check_distribution(p_src, "p_src", n, k, checks)
+        _check_distribution(p_tgt, "p_tgt", m, k, checks)
         V.same_dtype_device(OP, z_src=z_src, p_src=p_src, p_tgt=p_tgt)
     if w1.shape[1] != k * d:
         need = f"num_classes * d = {k} * {d}" if p_src is not None else f"d = {d} (or pass p_src/p_tgt for CDAN)"
@@ -200,21 +214,20 @@ def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight):
             raise ValueError(f"{OP}: src_weight must have shape ({n},) (one weight per source row), got "
                              f"{tuple(src_weight.shape)}")
         V.same_dtype_device(OP, z_src=z_src, src_weight=src_weight)
-        if not _tracing(src_weight):
-            sw = src_weight.detach()
-            if not bool(torch.isfinite(sw).all()) or bool((sw < 0).any()) or not bool(sw.sum() > 0):
-                raise ValueError(f"{OP}: src_weight must be finite, >= 0 and not all zero")
+        sw = src_weight.detach()
+        checks.append((~torch.isfinite(sw).all() | (sw < 0).any() | ~(sw.sum() > 0),
+                       "src_weight must be finite, >= 0 and not all zero"))
     return (w1, b1, w2, b2), n, m
 
 
-def _alpha(alpha: Optional[Tensor], generator: Optional[torch.Generator], K: int, like: Tensor) -> Tensor:
+def _alpha(alpha: Optional[Tensor], generator: Optional[torch.Generator], K: int, like: Tensor,
+           checks: list) -> Tensor:
     if alpha is not None:
         V.floating(alpha, "alpha", OP)
         if tuple(alpha.shape) != (K,):
             raise ValueError(f"{OP}: alpha must have shape ({K},) (min(n, m) rows), got {tuple(alpha.shape)}")
         V.same_dtype_device(OP, z_src=like, alpha=alpha)
-        if not _tracing(alpha) and not bool(((alpha >= 0) & (alpha <= 1)).all()):
-            raise ValueError(f"{OP}: alpha must lie in [0, 1]")
+        checks.append((~((alpha >= 0) & (alpha <= 1)).all(), "alpha must lie in [0, 1]"))
         return alpha
     if generator is not None:
         if torch.compiler.is_compiling():
@@ -254,8 +267,10 @@ def critic_gp(critic_params: CriticParams, z_src: Tensor, z_tgt: Tensor, p_src: 
     propagating through them give the same result. Kernels compute in the input dtype
     (float16/bfloat16 in float32); the CPU kernel accumulates sums in float64.
     """
-    (w1, b1, w2, b2), n, m = _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight)
-    a = _alpha(alpha, generator, min(n, m), z_src)
+    checks: list[tuple[Tensor, str]] = []
+    (w1, b1, w2, b2), n, m = _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, checks)
+    a = _alpha(alpha, generator, min(n, m), z_src, checks)
+    _value_checks(checks)
     kind = _backend.resolve(backend, z_src.device, OP, gpu_default="cuda", available=("reference", "cpu", "cuda"))
     if p_src is not None:
         p_src, p_tgt = p_src.detach(), p_tgt.detach()
