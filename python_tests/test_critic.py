@@ -94,10 +94,13 @@ def test_one_output_used(backend, device, coefs):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_blocked_epilogue(backend, device, monkeypatch):
-    """The backward forms T = M~^T G in row blocks of W1 (7 rows here, the last one short)."""
+@pytest.mark.parametrize("n,m", [(7, 4), (3, 8)])
+def test_blocked(backend, device, n, m, monkeypatch):
+    """Large problems are processed in blocks: y and e by rows (here 2 paired rows, then 4 rest
+    rows per block), T = M~^T G by rows of W1 (7 here, the last block short)."""
+    monkeypatch.setattr(ops, "Y_BLOCK", 4 * 40 * 3)
     monkeypatch.setattr(ops, "T_BLOCK", 7 * 15)
-    critic, data = _problem(6, 5, 5, 40, 3, True, torch.float64, device)
+    critic, data = _problem(n, m, 5, 40, 3, True, torch.float64, device)
     _assert_close(_run(critic, data, backend), _reference(critic, data), 1e-8)
 
 

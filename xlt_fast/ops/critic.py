@@ -35,7 +35,12 @@ from xlt_fast import _backend, _validate as V
 from xlt_fast.reference import critic as ref
 
 OP = "critic_gp"
+Y_BLOCK = 2 ** 24  # entries of y = z W1v^T (forward) and e (backward) formed at once (64 MiB in float32)
 T_BLOCK = 2 ** 22  # entries of T = M~^T G formed at once in the backward (16 MiB in float32)
+
+
+def _blocks(start: int, stop: int, step: int) -> list[tuple[int, int]]:
+    return [(a, min(a + step, stop)) for a in range(start, stop, step)]
 CriticParams = Union[Sequence[Tensor], torch.nn.Module]
 
 
@@ -50,15 +55,36 @@ def _stage(backend: str):
 def _critic_gp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, z_src: Tensor, z_tgt: Tensor,
                p_src: Optional[Tensor], p_tgt: Optional[Tensor], coef: Tensor, alpha: Tensor,
                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(estimate, penalty, f, h, mask_mix, g_mix)``; the last four are saved for the backward."""
+    """``(estimate, penalty, f, h, mask_mix, g_mix)``; the last four are saved for the backward.
+
+    ``y = z W1v^T`` is formed for at most ``Y_BLOCK`` entries at a time: blocks of paired rows
+    (source and target rows a..b, whose interpolations need both), then the longer side's rest.
+    """
     ext = _stage(backend)
-    n, d = z_src.shape
-    H = w1.shape[0]
+    (n, d), m, K, H = z_src.shape, z_tgt.shape[0], alpha.shape[0], w1.shape[0]
     k = w1.shape[1] // d
-    y = torch.mm(torch.cat([z_src, z_tgt]), w1.contiguous().view(H * k, d).T)
-    p = None if p_src is None else torch.cat([p_src, p_tgt])
-    estimate, f, h, mask_mix, u_mix = ext.critic_rows_fwd(y, p, b1, w2, b2, coef, alpha, n)
-    g_mix = torch.mm(u_mix, w1)
+    w1 = w1.contiguous()
+    w1v = w1.view(H * k, d)
+    estimate, f, h = z_src.new_zeros(()), z_src.new_empty(n + m), z_src.new_empty(n + m, H)
+    mask_mix, g_mix = z_src.new_empty(K, H), z_src.new_empty(K, k * d)
+    step = max(1, Y_BLOCK // (2 * H * k))
+    for a, b in _blocks(0, K, step):
+        rows = torch.cat([z_src[a:b], z_tgt[a:b]])
+        p = None if p_src is None else torch.cat([p_src[a:b], p_tgt[a:b]])
+        c = torch.cat([coef[a:b], coef[n + a:n + b]])
+        est_b, f_b, h_b, mask_b, u_b = ext.critic_rows_fwd(torch.mm(rows, w1v.T), p, b1, w2, b2, c, alpha[a:b], b - a)
+        estimate += est_b
+        f[a:b], f[n + a:n + b] = f_b[:b - a], f_b[b - a:]
+        h[a:b], h[n + a:n + b] = h_b[:b - a], h_b[b - a:]
+        mask_mix[a:b] = mask_b
+        torch.mm(u_b, w1, out=g_mix[a:b])
+    z_rest, p_rest, off = (z_src, p_src, 0) if n > K else (z_tgt, p_tgt, n)
+    for a, b in _blocks(K, z_rest.shape[0], 2 * step):
+        p = None if p_rest is None else p_rest[a:b]
+        est_b, f_b, h_b, _, _ = ext.critic_rows_fwd(torch.mm(z_rest[a:b], w1v.T), p, b1, w2, b2,
+                                                    coef[off + a:off + b], alpha[:0], b - a)
+        estimate += est_b
+        f[off + a:off + b], h[off + a:off + b] = f_b, h_b
     return estimate, ext.critic_penalty(g_mix), f, h, mask_mix, g_mix
 
 
@@ -78,17 +104,27 @@ def _critic_gp_backward(grad_est: Tensor, grad_pen: Tensor, w1: Tensor, w2: Tens
     ext = _stage(backend)
     d, H = z_src.shape[1], w1.shape[0]
     k = w1.shape[1] // d
-    p = None if p_src is None else torch.cat([p_src, p_tgt])
-    e, gb1, gw2 = ext.critic_rows_bwd(h, p, w2, grad_est * coef)
-    gw1 = torch.mm(e.T, torch.cat([z_src, z_tgt])).view(H, k * d)
     w1 = w1.contiguous()
+    z = torch.cat([z_src, z_tgt])
+    p = None if p_src is None else torch.cat([p_src, p_tgt])
+    coef = grad_est * coef
+    gb1, gw2 = w1.new_zeros(H), w1.new_zeros(H)
+    gw1 = w1.new_empty(H * k, d)
+    dz = z.new_empty(z.shape) if need_z else z.new_empty(0)
+    for a, b in _blocks(0, z.shape[0], max(1, Y_BLOCK // (H * k))):  # e is (rows, H*k)
+        e, gb1_b, gw2_b = ext.critic_rows_bwd(h[a:b], None if p is None else p[a:b], w2, coef[a:b])
+        gw1.addmm_(e.T, z[a:b], beta=0 if a == 0 else 1)
+        gb1 += gb1_b
+        gw2 += gw2_b
+        if need_z:
+            torch.mm(e, w1.view(H * k, d), out=dz[a:b])
+    gw1 = gw1.view(H, k * d)
     scale = grad_pen * (2.0 / mask_mix.shape[0])
     rows = max(1, T_BLOCK // w1.shape[1])
     for j0 in range(0, H, rows):  # T = M~^T G block by block: O(T_BLOCK) extra memory, not O(H k d)
         t = torch.mm(mask_mix[:, j0:j0 + rows].T, g_mix)
         gw2[j0:j0 + rows] += ext.critic_gp_epilogue(gw1[j0:j0 + rows], t, w1[j0:j0 + rows], w2[j0:j0 + rows], scale)
-    gb2 = grad_est * coef.sum()
-    dz = torch.mm(e, w1.view(H * k, d)) if need_z else z_src.new_empty(0)
+    gb2 = coef.sum()
     return gw1, gb1, gw2, gb2.reshape(()), dz
 
 
