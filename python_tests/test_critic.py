@@ -132,6 +132,25 @@ def test_module_forward_matches_materialised():
     torch.testing.assert_close(plain(pdata["z_src"]), ref.critic(*plain.critic_params, pdata["z_src"]))
 
 
+def test_module_bad_input():
+    critic = WassersteinCritic(6, 8, 3)
+    with pytest.raises(ValueError, match="p is required"):
+        critic(torch.randn(2, 6))
+    with pytest.raises(ValueError, match="z must have shape"):
+        critic(torch.randn(2, 5), torch.full((2, 3), 1 / 3))
+    with pytest.raises(ValueError, match="p must have shape"):
+        critic(torch.randn(2, 6), torch.full((2, 4), 1 / 4))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_bfloat16_computes_in_float32(backend, device):
+    """bfloat16 inputs run in float32 and are cast back: errors are bfloat16 rounding (2^-8)."""
+    critic, data = _problem(6, 5, 4, 24, 3, True, torch.bfloat16, device)
+    out = _run(critic, data, backend)
+    assert all(t.dtype == torch.bfloat16 for t in out)
+    _assert_close(out, _reference(critic, data), 3e-2)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_generator_is_deterministic(backend, device):
     critic, data = _problem(6, 4, 5, 16, 2, False, torch.float32, device)

@@ -45,7 +45,7 @@ __global__ void rows_fwd_kernel(const T* __restrict__ y, const T* __restrict__ p
                                 const T* __restrict__ w2, const T* __restrict__ b2, const T* __restrict__ alpha,
                                 int64_t N, int64_t n_src, int64_t H, int64_t k, T* __restrict__ f,
                                 T* __restrict__ h, T* __restrict__ mask_mix, T* __restrict__ u_mix) {
-  extern __shared__ unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   T* pmix = reinterpret_cast<T*>(smem);
   const int64_t r = blockIdx.x, Hk = H * k;
   if (r < N) {

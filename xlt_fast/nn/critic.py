@@ -56,6 +56,11 @@ class WassersteinCritic(nn.Module):
     def forward(self, z: Tensor, p: Optional[Tensor] = None) -> Tensor:
         """Critic values ``f(z)`` (or ``f(p ⊗ z)``) of the rows of ``z`` ``(N, d)``; shape ``(N,)``."""
         self._check_p(p)
+        if z.dim() != 2 or z.shape[1] != self.in_features:
+            raise ValueError(f"WassersteinCritic: z must have shape (N, {self.in_features}), got {tuple(z.shape)}")
+        if p is not None and tuple(p.shape) != (z.shape[0], self.num_classes):
+            raise ValueError(f"WassersteinCritic: p must have shape ({z.shape[0]}, {self.num_classes}), got "
+                             f"{tuple(p.shape)}")
         return critic_values(self.critic_params, z, None if p is None else p.detach())
 
     def critic_gp(self, z_src: Tensor, z_tgt: Tensor, p_src: Optional[Tensor] = None,

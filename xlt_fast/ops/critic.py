@@ -57,14 +57,21 @@ def _critic_gp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, z_src: Tensor, z_
                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(estimate, penalty, f, h, mask_mix, g_mix)``; the last four are saved for the backward.
 
-    ``y = z W1v^T`` is formed for at most ``Y_BLOCK`` entries at a time: blocks of paired rows
-    (source and target rows a..b, whose interpolations need both), then the longer side's rest.
+    ``y = z W1v^T`` is formed for at most ``Y_BLOCK`` entries at a time: all rows at once when they
+    fit, else blocks of paired rows (source and target rows a..b, whose interpolations need both),
+    then the longer side's rest.
     """
     ext = _stage(backend)
     (n, d), m, K, H = z_src.shape, z_tgt.shape[0], alpha.shape[0], w1.shape[0]
     k = w1.shape[1] // d
     w1 = w1.contiguous()
     w1v = w1.view(H * k, d)
+    if (n + m) * H * k <= Y_BLOCK:
+        y = torch.mm(torch.cat([z_src, z_tgt]), w1v.T)
+        p = None if p_src is None else torch.cat([p_src, p_tgt])
+        estimate, f, h, mask_mix, u_mix = ext.critic_rows_fwd(y, p, b1, w2, b2, coef, alpha, n)
+        g_mix = torch.mm(u_mix, w1)
+        return estimate, ext.critic_penalty(g_mix), f, h, mask_mix, g_mix
     estimate, f, h = z_src.new_zeros(()), z_src.new_empty(n + m), z_src.new_empty(n + m, H)
     mask_mix, g_mix = z_src.new_empty(K, H), z_src.new_empty(K, k * d)
     step = max(1, Y_BLOCK // (2 * H * k))
@@ -108,16 +115,18 @@ def _critic_gp_backward(grad_est: Tensor, grad_pen: Tensor, w1: Tensor, w2: Tens
     z = torch.cat([z_src, z_tgt])
     p = None if p_src is None else torch.cat([p_src, p_tgt])
     coef = grad_est * coef
-    gb1, gw2 = w1.new_zeros(H), w1.new_zeros(H)
-    gw1 = w1.new_empty(H * k, d)
-    dz = z.new_empty(z.shape) if need_z else z.new_empty(0)
+    dz = []
     for a, b in _blocks(0, z.shape[0], max(1, Y_BLOCK // (H * k))):  # e is (rows, H*k)
         e, gb1_b, gw2_b = ext.critic_rows_bwd(h[a:b], None if p is None else p[a:b], w2, coef[a:b])
-        gw1.addmm_(e.T, z[a:b], beta=0 if a == 0 else 1)
-        gb1 += gb1_b
-        gw2 += gw2_b
+        if a == 0:
+            gw1, gb1, gw2 = torch.mm(e.T, z[a:b]), gb1_b, gw2_b
+        else:
+            gw1.addmm_(e.T, z[a:b])
+            gb1 += gb1_b
+            gw2 += gw2_b
         if need_z:
-            torch.mm(e, w1.view(H * k, d), out=dz[a:b])
+            dz.append(torch.mm(e, w1.view(H * k, d)))
+    dz = (dz[0] if len(dz) == 1 else torch.cat(dz)) if need_z else z.new_empty(0)
     gw1 = gw1.view(H, k * d)
     scale = grad_pen * (2.0 / mask_mix.shape[0])
     rows = max(1, T_BLOCK // w1.shape[1])
