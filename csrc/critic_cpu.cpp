@@ -9,12 +9,20 @@
 
 #include <ATen/AccumulateType.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace xlt_fast {
 namespace {
 
 using at::acc_type;
+
+// Grain (items per task) so that a task touches at least kMinWork entries: small stages run inline
+// instead of paying a parallel region's wake-up (costly when the cores are shared).
+constexpr int64_t kMinWork = int64_t(1) << 18;
+inline int64_t grain(int64_t entries_per_item) {
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, entries_per_item));
+}
 
 // h_j = b1_j + sum_c p_c y[j*k + c] for one row (p == nullptr: k == 1, no weighting).
 template <typename scalar_t>
@@ -32,7 +40,7 @@ void rows_fwd(const scalar_t* y, const scalar_t* p, const scalar_t* b1, const sc
   using acc_t = acc_type<scalar_t, false>;
   const int64_t Hk = H * k;
   // Rows 0..N-1: pre-activations and critic values; rows N..N+K-1: interpolated points.
-  at::parallel_for(0, N + K, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N + K, grain(Hk), [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> pmix(k), ymix(Hk);
     for (int64_t r = begin; r < end; ++r) {
       if (r < N) {
@@ -115,7 +123,7 @@ at::Tensor critic_penalty_cpu(const at::Tensor& g_in) {
     using acc_t = acc_type<scalar_t, false>;
     const scalar_t* gp = g.data_ptr<scalar_t>();
     std::vector<acc_t> norms(K);
-    at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, K, grain(D), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         acc_t s = 0;
         for (int64_t x = 0; x < D; ++x) s += static_cast<acc_t>(gp[i * D + x]) * gp[i * D + x];
@@ -152,7 +160,7 @@ std::vector<at::Tensor> critic_rows_bwd_cpu(const at::Tensor& h_in, const c10::o
     const scalar_t *hp = h.data_ptr<scalar_t>(), *w2p = w2.data_ptr<scalar_t>(), *cp = coef.data_ptr<scalar_t>();
     const scalar_t* pp = p.defined() ? p.data_ptr<scalar_t>() : nullptr;
     scalar_t* ep = e.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, grain(H * k), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* hr = hp + r * H;
         scalar_t* er = ep + r * H * k;
@@ -168,7 +176,7 @@ std::vector<at::Tensor> critic_rows_bwd_cpu(const at::Tensor& h_in, const c10::o
     });
     // Column sums: each task owns a block of columns and reads the rows' contiguous slices.
     scalar_t *gb1p = gb1.data_ptr<scalar_t>(), *gw2p = gw2.data_ptr<scalar_t>();
-    at::parallel_for(0, H, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, H, std::max<int64_t>(64, grain(N)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> sb(end - begin, 0), sw(end - begin, 0);
       for (int64_t r = 0; r < N; ++r) {
         const scalar_t* hr = hp + r * H;
@@ -208,7 +216,7 @@ at::Tensor critic_gp_epilogue_cpu(at::Tensor& grad_w1, const at::Tensor& t_in, c
     const scalar_t *tp = t.data_ptr<scalar_t>(), *w1p = w1.data_ptr<scalar_t>(), *w2p = w2.data_ptr<scalar_t>();
     scalar_t *gp = grad_w1.data_ptr<scalar_t>(), *outp = gw2.data_ptr<scalar_t>();
     const scalar_t scale = scale_in.item<scalar_t>();
-    at::parallel_for(0, H, 8, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, H, grain(D), [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         const scalar_t sw = scale * w2p[j];
         const scalar_t *tj = tp + j * D, *wj = w1p + j * D;
