@@ -41,18 +41,20 @@ void rows_fwd(const scalar_t* y, const scalar_t* p, const scalar_t* b1, const sc
   const int64_t Hk = H * k;
   // Rows 0..N-1: pre-activations and critic values; rows N..N+K-1: interpolated points.
   at::parallel_for(0, N + K, grain(Hk), [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> pmix(k), ymix(Hk);
+    std::vector<scalar_t> pmix(p ? k : 0), ymix(p ? Hk : 0);
     for (int64_t r = begin; r < end; ++r) {
       if (r < N) {
         const scalar_t* yr = y + r * Hk;
         const scalar_t* pr = p ? p + r * k : nullptr;
         scalar_t* hr = h + r * H;
-        acc_t acc = 0;
-        for (int64_t j = 0; j < H; ++j) {
-          const scalar_t v = preact(yr, pr, j, k, b1[j]);
-          hr[j] = v;
-          if (v > 0) acc += static_cast<acc_t>(w2[j]) * v;
+        if (pr == nullptr) {
+          for (int64_t j = 0; j < H; ++j) hr[j] = b1[j] + yr[j];
+        } else {
+          for (int64_t j = 0; j < H; ++j) hr[j] = preact(yr, pr, j, k, b1[j]);
         }
+        acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < H; ++j) acc += static_cast<acc_t>(w2[j]) * (hr[j] > 0 ? hr[j] : scalar_t(0));
         f[r] = static_cast<scalar_t>(acc) + b2;
       } else {
         // z~ = a zs + (1 - a) zt enters linearly, so y(z~) = a y_s + (1 - a) y_t; p~ likewise.
@@ -60,16 +62,22 @@ void rows_fwd(const scalar_t* y, const scalar_t* p, const scalar_t* b1, const sc
         const scalar_t a = alpha[i], b = 1 - alpha[i];
         const scalar_t* ys = y + i * Hk;
         const scalar_t* yt = y + (n_src + i) * Hk;
-        for (int64_t x = 0; x < Hk; ++x) ymix[x] = a * ys[x] + b * yt[x];
-        if (p) {
-          for (int64_t c = 0; c < k; ++c) pmix[c] = a * p[i * k + c] + b * p[(n_src + i) * k + c];
-        }
         scalar_t* mr = mask_mix + i * H;
         scalar_t* ur = u_mix + i * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const bool on = preact(ymix.data(), p ? pmix.data() : nullptr, j, k, b1[j]) > 0;
-          mr[j] = on ? scalar_t(1) : scalar_t(0);
-          ur[j] = on ? w2[j] : scalar_t(0);
+        if (p == nullptr) {
+          for (int64_t j = 0; j < H; ++j) {
+            const bool on = b1[j] + (a * ys[j] + b * yt[j]) > 0;
+            mr[j] = on ? scalar_t(1) : scalar_t(0);
+            ur[j] = on ? w2[j] : scalar_t(0);
+          }
+        } else {
+          for (int64_t x = 0; x < Hk; ++x) ymix[x] = a * ys[x] + b * yt[x];
+          for (int64_t c = 0; c < k; ++c) pmix[c] = a * p[i * k + c] + b * p[(n_src + i) * k + c];
+          for (int64_t j = 0; j < H; ++j) {
+            const bool on = preact(ymix.data(), pmix.data(), j, k, b1[j]) > 0;
+            mr[j] = on ? scalar_t(1) : scalar_t(0);
+            ur[j] = on ? w2[j] : scalar_t(0);
+          }
         }
       }
     }
@@ -126,6 +134,7 @@ at::Tensor critic_penalty_cpu(const at::Tensor& g_in) {
     at::parallel_for(0, K, grain(D), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         acc_t s = 0;
+_Pragma("omp simd reduction(+ : s)")
         for (int64_t x = 0; x < D; ++x) s += static_cast<acc_t>(gp[i * D + x]) * gp[i * D + x];
         norms[i] = s;
       }
@@ -164,12 +173,14 @@ std::vector<at::Tensor> critic_rows_bwd_cpu(const at::Tensor& h_in, const c10::o
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* hr = hp + r * H;
         scalar_t* er = ep + r * H * k;
-        for (int64_t j = 0; j < H; ++j) {
-          const scalar_t d = hr[j] > 0 ? cp[r] * w2p[j] : scalar_t(0);
-          if (pp == nullptr) {
-            er[j] = d;
-          } else {
-            for (int64_t c = 0; c < k; ++c) er[j * k + c] = d * pp[r * k + c];
+        const scalar_t cr = cp[r];
+        if (pp == nullptr) {
+          for (int64_t j = 0; j < H; ++j) er[j] = hr[j] > 0 ? cr * w2p[j] : scalar_t(0);
+        } else {
+          const scalar_t* pr = pp + r * k;
+          for (int64_t j = 0; j < H; ++j) {
+            const scalar_t d = hr[j] > 0 ? cr * w2p[j] : scalar_t(0);
+            for (int64_t c = 0; c < k; ++c) er[j * k + c] = d * pr[c];
           }
         }
       }
@@ -181,11 +192,12 @@ std::vector<at::Tensor> critic_rows_bwd_cpu(const at::Tensor& h_in, const c10::o
       for (int64_t r = 0; r < N; ++r) {
         const scalar_t* hr = hp + r * H;
         const acc_t c = cp[r];
-        for (int64_t j = begin; j < end; ++j) {
-          if (hr[j] > 0) {
-            sb[j - begin] += c;
-            sw[j - begin] += c * hr[j];
-          }
+        acc_t* sbp = sb.data() - begin;
+        acc_t* swp = sw.data() - begin;
+        for (int64_t j = begin; j < end; ++j) {  // branch-free: vectorises
+          const bool on = hr[j] > 0;
+          sbp[j] += on ? c : acc_t(0);
+          swp[j] += on ? c * hr[j] : acc_t(0);
         }
       }
       for (int64_t j = begin; j < end; ++j) {
@@ -221,11 +233,10 @@ at::Tensor critic_gp_epilogue_cpu(at::Tensor& grad_w1, const at::Tensor& t_in, c
         const scalar_t sw = scale * w2p[j];
         const scalar_t *tj = tp + j * D, *wj = w1p + j * D;
         scalar_t* gj = gp + j * D;
+        for (int64_t x = 0; x < D; ++x) gj[x] += sw * tj[x];
         acc_t dot = 0;
-        for (int64_t x = 0; x < D; ++x) {
-          gj[x] += sw * tj[x];
-          dot += static_cast<acc_t>(wj[x]) * tj[x];
-        }
+_Pragma("omp simd reduction(+ : dot)")
+        for (int64_t x = 0; x < D; ++x) dot += static_cast<acc_t>(wj[x]) * tj[x];
         outp[j] = static_cast<scalar_t>(scale * dot);
       }
     });
