@@ -4,7 +4,8 @@ features (which come from an encoder, so they need gradients); importance weight
 
 Peers: ``eager double backward`` (:func:`xlt_fast.reference.critic.critic_gp`: materialised CDAN
 input, ``autograd.grad(create_graph=True)``, then a backward through it, gradients taken only for
-the leaves that need them), and ``torch.compile`` of the same (full mode only). The max error is
+the leaves that need them), and ``torch.compile`` of the same (full mode only; torch 2.13 rejects
+it: aot_autograd does not support double backward, reported as the row's note). The max error is
 against that reference in float64 (skipped at B=4096).
 """
 from __future__ import annotations
