@@ -5,6 +5,7 @@ Every op takes ``backend="auto" | "reference" | "cpu" | "triton" | "cuda"``; see
 from xlt_fast import nn
 from xlt_fast.ops.contrastive import info_nce, negative_contrastive, negative_learning, supcon
 from xlt_fast.ops.coupling import coupling
+from xlt_fast.ops.critic import critic_gp
 from xlt_fast.ops.pairwise import pairwise_distance
 
 __version__ = "0.1.0"
@@ -16,5 +17,6 @@ __all__ = [
     "negative_contrastive",
     "negative_learning",
     "coupling",
+    "critic_gp",
     "nn",
 ]
