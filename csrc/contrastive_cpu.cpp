@@ -7,8 +7,8 @@
 // |P(i)| > 0; the op returns their mean. Rows are processed in blocks (logits by one GEMM per
 // block, memory O(block * M)); with need_grad the same pass forms dL/ds (softmax minus the
 // positive indicator over |P|) and the input gradients by two more GEMMs, so backward is a scale.
+#include "fast_exp.h"  // first: its pragma applies to the whole file
 #include "common.h"
-#include "fast_exp.h"
 
 #include <cmath>
 #include <limits>
@@ -30,7 +30,7 @@ struct RowResult {
 // Three branch-free passes (logits and statistics, exp-sum, gradient) that vectorise; the
 // target_clones let the loader pick AVX2 code where the CPU has it.
 template <typename T, int64_t METRIC>
-__attribute__((target_clones("avx2", "default")))
+XLT_CLONES
 RowResult dense_row(T* __restrict row, T* __restrict dist, const T* __restrict norm_c, T norm_a,
                     const int64_t* __restrict c_lab, int64_t a_lab, const bool* __restrict c_valid, int64_t self,
                     int64_t M, T inv_temp, bool need_grad) {
@@ -60,7 +60,7 @@ RowResult dense_row(T* __restrict row, T* __restrict dist, const T* __restrict n
   }
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < M; ++j) sum += exp_approx(row[j] - mx);  // 0 off D(i) (row = -inf)
+  for (int64_t j = 0; j < M; ++j) sum += exp_any(row[j] - mx);  // 0 off D(i) (row = -inf)
   const T lse = mx + std::log(sum);
   if (need_grad) {
     // G = softmax - [pos] / |P|, times ds/d(sim) = 1/tau; dL/dD = -G/tau or -G/(2 tau sqrt(D)).
@@ -69,7 +69,7 @@ RowResult dense_row(T* __restrict row, T* __restrict dist, const T* __restrict n
 #pragma omp simd
     for (int64_t j = 0; j < M; ++j) {
       const bool pos = c_valid[j] && j != self && c_lab[j] == a_lab;
-      T g = (exp_approx(row[j] - lse) - (pos ? inv_pos : T(0))) * scale;
+      T g = (exp_any(row[j] - lse) - (pos ? inv_pos : T(0))) * scale;
       if (METRIC == kEuclidean) g = dist[j] > 0 ? g / (2 * dist[j]) : T(0);
       row[j] = g;
     }

@@ -12,6 +12,7 @@
 // fp32 rows use branchless exp/atan (Cephes-style polynomials, ~2 ulp) so that the inner loop
 // vectorises; the row functions are compiled for AVX-512, AVX2 and baseline x86-64 and picked at
 // load time (GCC target_clones). fp64 rows use the C library's exact functions.
+#include "fast_exp.h"  // first: its pragma applies to the whole file
 #include "common.h"
 
 #include <cmath>
@@ -19,45 +20,11 @@
 #include <limits>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__)
-// The selects in exp_f32/atan_f32 only vectorise when FP operations may be speculated, i.e.
-// without trapping math; torch itself is built with -fno-trapping-math. Applies to this file's
-// functions below the includes only.
-#pragma GCC optimize("no-trapping-math")
-#endif
 
 namespace xlt_fast {
 namespace {
 
 constexpr double kTwoOverPi = 0.63661977236758134308;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define XLT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define XLT_CLONES
-#endif
-// The helpers must inline into the vectorised loops (a call blocks vectorisation).
-#define XLT_INLINE inline __attribute__((always_inline))
-
-// exp(x) in fp32: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial, 2^n by the exponent
-// bits. Saturates to 0 below -87.3 and to +inf above 88.72 like expf.
-XLT_INLINE float exp_f32(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  const float v = e * two_n;
-  return x > 88.72f ? std::numeric_limits<float>::infinity() : (x < -87.3f ? 0.0f : v);
-}
 
 // atan(x) in fp32: reduction to |x| <= tan(pi/8), odd polynomial (Cephes atanf), branchless.
 XLT_INLINE float atan_f32(float x) {

@@ -1,38 +1,56 @@
-// Vectorisable exp for the softmax loops of the CPU kernels.
+// Vectorisable fp32 math shared by the C++ CPU kernels.
 //
-// std::exp is a library call that the compiler cannot vectorise without -ffast-math. For float,
-// exp(x) = 2^k * e^r with k = round(x / ln 2) and r = x - k ln 2 (Cody-Waite split of ln 2 into
-// a part exact in float and a correction), e^r by a degree-6 polynomial on |r| <= ln 2 / 2
-// (the classic Cephes expf coefficients); relative error about 1 ulp, all branch-free selects
-// so `#pragma omp simd` loops vectorise. Arguments below -87 (including -inf) give 0.
-// Double keeps std::exp: fp64 is the exactness path.
+// std::exp is a library call: a loop that calls it cannot vectorise (without -ffast-math). exp_f32
+// is branch-free and force-inlined so that `#pragma omp simd` loops and the auto-vectoriser turn
+// it into AVX2 / AVX-512 code: x = n ln2 + r, |r| <= ln2/2 (Cody-Waite split of ln 2), e^r by the
+// Cephes expf polynomial, 2^n through the exponent bits; about 2 ulp. It saturates to 0 below -87.3
+// (so -inf gives 0) and to +inf above 88.72, like expf. fp64 callers keep the C library (exactness
+// path).
+//
+// Include this header first in a kernel file: its pragma must precede the code it applies to.
 #pragma once
+
+#if defined(__GNUC__) && !defined(__clang__)
+// The selects only vectorise when FP operations may be speculated, i.e. without trapping math;
+// torch itself is built with -fno-trapping-math. Applies to the including file's functions.
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// Row functions compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
+#define XLT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define XLT_CLONES
+#endif
+// Helpers must inline into the vectorised loops (a call blocks vectorisation).
+#define XLT_INLINE inline __attribute__((always_inline))
 
 namespace xlt_fast {
 
-inline float exp_approx(float x) {
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  // round to nearest by a truncating conversion (vectorises on every x86-64, unlike floor)
-  const float t = xc * 1.44269504088896341f;
-  const int32_t ki = static_cast<int32_t>(t + (t < 0 ? -0.5f : 0.5f));
-  const float k = static_cast<float>(ki);
-  const float r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;
+XLT_INLINE float exp_f32(float x) {
+  const float xc = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (ki + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  const float v = e * two_n;
+  return x > 88.72f ? std::numeric_limits<float>::infinity() : (x < -87.3f ? 0.0f : v);
 }
 
-inline double exp_approx(double x) { return std::exp(x); }
+XLT_INLINE float exp_any(float x) { return exp_f32(x); }
+XLT_INLINE double exp_any(double x) { return std::exp(x); }
 
 }  // namespace xlt_fast
