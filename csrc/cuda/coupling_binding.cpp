@@ -7,15 +7,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "binding_common.h"
 #include "coupling.cuh"
 
 namespace xlt_fast {
 namespace {
 
-void check_cuda_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "xlt_fast_C::", op, ": ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "xlt_fast_C::", op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
+void check_cuda_rows(const at::Tensor& t, const char* op, const char* name) {
+  check_cuda_float(t, op, name);
   TORCH_CHECK(t.dim() == 2, "xlt_fast_C::", op, ": ", name, " must have 2 dimensions, got ", t.sizes());
 }
 
@@ -24,9 +23,9 @@ at::Tensor rows(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguou
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& s_raw, const at::Tensor& t,
                   const at::Tensor& mask, int64_t scale) {
-  check_cuda_float(x, op, "x");
-  check_cuda_float(s_raw, op, "s_raw");
-  check_cuda_float(t, op, "t");
+  check_cuda_rows(x, op, "x");
+  check_cuda_rows(s_raw, op, "s_raw");
+  check_cuda_rows(t, op, "t");
   TORCH_CHECK(s_raw.scalar_type() == x.scalar_type() && t.scalar_type() == x.scalar_type(), "xlt_fast_C::", op,
               ": x, s_raw and t must share a dtype");
   TORCH_CHECK(s_raw.device() == x.device() && t.device() == x.device() && mask.device() == x.device(),

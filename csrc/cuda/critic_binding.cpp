@@ -9,16 +9,11 @@
 #include <limits>
 #include <vector>
 
+#include "binding_common.h"
 #include "critic.cuh"
 
 namespace xlt_fast {
 namespace {
-
-void check_cuda_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "xlt_fast_C::", op, ": ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "xlt_fast_C::", op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-}
 
 // `t` on `like`'s device and dtype, contiguous.
 at::Tensor like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {

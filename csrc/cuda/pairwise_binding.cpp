@@ -5,22 +5,22 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "binding_common.h"
 #include "pairwise.cuh"
 
 namespace xlt_fast {
 namespace {
 
-void check_cuda_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "xlt_fast_C::pairwise_sqdist: ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "xlt_fast_C::pairwise_sqdist: ",
-              name, " must be float32 or float64, got ", t.scalar_type());
+constexpr const char* kOp = "pairwise_sqdist";
+
+void check_cuda_points(const at::Tensor& t, const char* name) {
+  check_cuda_float(t, kOp, name);
   TORCH_CHECK(t.dim() == 3, "xlt_fast_C::pairwise_sqdist: ", name, " must have shape (B, rows, d), got ",
               t.sizes());
 }
-
 at::Tensor pairwise_sqdist_cuda(const at::Tensor& x_in, const at::Tensor& y_in, bool dot, double refine_tol) {
-  check_cuda_float(x_in, "x");
-  check_cuda_float(y_in, "y");
+  check_cuda_points(x_in, "x");
+  check_cuda_points(y_in, "y");
   TORCH_CHECK(x_in.device() == y_in.device(), "xlt_fast_C::pairwise_sqdist: x is on ", x_in.device(),
               " but y is on ", y_in.device());
   TORCH_CHECK(x_in.size(0) == y_in.size(0) && x_in.size(2) == y_in.size(2),
