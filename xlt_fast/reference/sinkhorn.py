@@ -61,6 +61,16 @@ def diameter(x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Te
     return torch.linalg.vector_norm(span, dim=-1)
 
 
+def cost_range(C: Tensor, real: Tensor) -> Tensor:
+    """``max - min`` of the real entries of ``C`` per problem (the schedule's scale for cosine and
+    precomputed costs, with p = 1), ``(B,)``, detached; 0 without real entries."""
+    C = C.detach()
+    big = torch.finfo(C.dtype).max
+    hi = C.masked_fill(~real, -big).amax((1, 2))
+    lo = C.masked_fill(~real, big).amin((1, 2))
+    return torch.where(hi >= lo, hi - lo, 0)
+
+
 def schedule_params(scale: Tensor, p: int, blur: float, scaling: float) -> tuple[Tensor, Tensor]:
     """GeomLoss's eps list as ``(log_eps0 (B,), n_anneal (B,) int32)``, on the device of ``scale``.
 
@@ -173,14 +183,17 @@ def sinkhorn(x: Optional[Tensor], y: Optional[Tensor], a: Optional[Tensor] = Non
     loga = torch.where(empty.unsqueeze(-1), 0, log_weights(aw))
     logb = torch.where(empty.unsqueeze(-1), 0, log_weights(bw))
     if isinstance(cost, Tensor):
-        pair = cost.masked_fill(~_pair_mask(x_mask, y_mask, B, n, m, device), 0)
-        C_f = C_g = pair
-        scale = pair.detach().amax((1, 2))
+        real = _pair_mask(x_mask, y_mask, B, n, m, device)
+        pair = cost.masked_fill(~real, 0)
+        # f and g each carry a one-sided plan estimating d OT / d C = P: average the two by
+        # letting half of C's gradient through each (values unchanged)
+        C_f = C_g = 0.5 * (pair + pair.detach())
+        scale = cost_range(pair, real)
     else:
         C_f = cost_matrix(x, y.detach(), cost, x_mask, y_mask)
         C_g = cost_matrix(x.detach(), y, cost, x_mask, y_mask)
         scale = diameter(x, y, x_mask, y_mask) if cost != "cosine" else \
-            C_f.detach().amax((1, 2))
+            cost_range(C_f, _pair_mask(x_mask, y_mask, B, n, m, device))
     target = blur ** p if eps is None else eps
     if eps is None:
         log_eps0, n_anneal = schedule_params(scale, p, blur, scaling)
@@ -190,7 +203,8 @@ def sinkhorn(x: Optional[Tensor], y: Optional[Tensor], a: Optional[Tensor] = Non
         n_anneal = torch.zeros(B, dtype=torch.int32, device=device)
         n_target = 100 if n_iters is None else n_iters
     log_ratio = p * math.log(scaling)
-    fp, gp, iters = solve(C_f, loga, logb, log_eps0, n_anneal, log_ratio, target, n_target, tol)
+    with torch.no_grad():
+        fp, gp, iters = solve(C_f, loga, logb, log_eps0, n_anneal, log_ratio, target, n_target, tol)
     f = extrapolate(C_f, logb, gp, target)
     g = extrapolate(C_g.transpose(1, 2), loga, fp, target)
     # value with explicit weights (d value / d a = f, the envelope theorem)
@@ -201,8 +215,9 @@ def sinkhorn(x: Optional[Tensor], y: Optional[Tensor], a: Optional[Tensor] = Non
             raise ValueError("the Sinkhorn divergence needs point clouds, not a precomputed cost")
         C_xx = cost_matrix(x, x.detach(), cost, x_mask, x_mask)
         C_yy = cost_matrix(y, y.detach(), cost, y_mask, y_mask)
-        faap, _, _ = solve(C_xx, loga, loga, log_eps0, n_anneal, log_ratio, target, n_target, tol, True)
-        gbbp, _, _ = solve(C_yy, logb, logb, log_eps0, n_anneal, log_ratio, target, n_target, tol, True)
+        with torch.no_grad():
+            faap, _, _ = solve(C_xx, loga, loga, log_eps0, n_anneal, log_ratio, target, n_target, tol, True)
+            gbbp, _, _ = solve(C_yy, logb, logb, log_eps0, n_anneal, log_ratio, target, n_target, tol, True)
         faa = extrapolate(C_xx, loga, faap, target)
         gbb = extrapolate(C_yy, logb, gbbp, target)
         value = value - (aw * faa).sum(1) - (bw * gbb).sum(1)
@@ -219,7 +234,7 @@ def sinkhorn(x: Optional[Tensor], y: Optional[Tensor], a: Optional[Tensor] = Non
             log_weights(aw).unsqueeze(2) + log_weights(bw).unsqueeze(1)
         out["plan"] = torch.where(live.unsqueeze(-1), lp.exp(), 0)
     out["value"] = value
-    out["iters"] = iters
+    out["iters"] = torch.where(empty, 0, iters)
     return out
 
 
@@ -227,14 +242,3 @@ def _pair_mask(x_mask, y_mask, B, n, m, device) -> Tensor:
     xm = torch.ones(B, n, dtype=torch.bool, device=device) if x_mask is None else x_mask
     ym = torch.ones(B, m, dtype=torch.bool, device=device) if y_mask is None else y_mask
     return xm.unsqueeze(-1) & ym.unsqueeze(-2)
-
-
-def hard_coupling(plan: Tensor, y_mask: Optional[Tensor] = None) -> Tensor:
-    """Seed 001 eq. 6: for each target column j, mass ``1 / n_t`` on ``argmax_i plan_ij`` (n_t the
-    number of real target points); padded columns stay 0. ``(B, n, m) -> (B, n, m)``."""
-    B, n, m = plan.shape
-    ym = torch.ones(B, m, dtype=torch.bool, device=plan.device) if y_mask is None else y_mask
-    nt = ym.sum(1).clamp_min(1).to(plan.dtype)
-    idx = plan.argmax(1, keepdim=True)
-    hard = torch.zeros_like(plan).scatter_(1, idx, 1.0)
-    return hard * (ym.unsqueeze(1).to(plan.dtype) / nt.view(B, 1, 1))
