@@ -59,18 +59,26 @@ def _(C, loga, logb, log_eps0, n_anneal, log_ratio, eps, n_iters, tol, symmetric
 
 
 # ----------------------------------------------------------------------------- helpers
-def _row_plan(logits: Tensor, dim: int) -> Tensor:
-    """softmax along ``dim``; a slice that is entirely -inf gives 0 (not NaN)."""
-    mx = logits.amax(dim, keepdim=True)
-    e = torch.exp(logits - torch.where(torch.isfinite(mx), mx, 0))
-    return e / e.sum(dim, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+def _plan(h: Tensor, C: Tensor, eps: Tensor, dim: int) -> Tensor:
+    """``softmax(h - C / eps)`` along ``dim`` (h broadcast along the other axis): a one-sided plan
+    up to the weights. ``h`` of a problem without mass (all -inf) is replaced by 0 so that nothing
+    is NaN; its weights are 0."""
+    h = torch.where(torch.isfinite(h).any(1, keepdim=True), h, 0)
+    return torch.softmax(h.unsqueeze(3 - dim) - C / eps, dim)
+
+
+def _sq_grad(k: float, Ws: list[Tensor], signs: list[float], x: Tensor, others: list[Tensor]) -> Tensor:
+    """``sum_t sign_t sum_j W_t,ij d/dx_i k |x_i - o_t,j|^2`` = ``2k (r_i x_i - sum_t sign_t W_t o_t)``,
+    ``r = sum_t sign_t rowsum(W_t)``, by accumulating GEMMs."""
+    r = sum(s * W.sum(2, keepdim=True) for W, s in zip(Ws, signs))
+    out = (2 * k) * r * x
+    for W, s, o in zip(Ws, signs, others):
+        out = out.baddbmm_(W, o, alpha=-2 * k * s)
+    return out
 
 
 def _cost_grad(W: Tensor, x: Tensor, y: Tensor, C: Tensor, cost: str) -> Tensor:
-    """``sum_j W_ij d/dx_i c(x_i, y_j)`` for ``W (B, n, m)``, by GEMMs."""
-    if cost in ("half_sqeuclidean", "sqeuclidean"):
-        k = 1.0 if cost == "half_sqeuclidean" else 2.0
-        return k * (W.sum(2, keepdim=True) * x - W @ y)
+    """``sum_j W_ij d/dx_i c(x_i, y_j)`` for ``W (B, n, m)`` (euclidean, cosine), by GEMMs."""
     if cost == "euclidean":  # d|x - y| / dx = (x - y) / |x - y|, 0 at 0
         Wd = torch.where(C > 0, W / torch.where(C > 0, C, 1), 0)
         return Wd.sum(2, keepdim=True) * x - Wd @ y
@@ -154,7 +162,8 @@ def sinkhorn_points(x: Tensor, y: Tensor, aw: Tensor, bw: Tensor, x_mask: Tensor
     if cost == "cosine":
         scale = ref.cost_range(C, x_mask.unsqueeze(-1) & y_mask.unsqueeze(-2))
     else:  # the centroid lies in the bounding box, so the zero padded rows never widen it
-        span = torch.maximum(xc.amax(1), yc.amax(1)) - torch.minimum(xc.amin(1), yc.amin(1))
+        (xlo, xhi), (ylo, yhi) = torch.aminmax(xc, dim=1), torch.aminmax(yc, dim=1)
+        span = torch.maximum(xhi, yhi) - torch.minimum(xlo, ylo)
         scale = torch.linalg.vector_norm(span, dim=-1)
     sched = _schedule(scale, p, eps, blur, scaling, B, x.device)
     loga, logb = ref.log_weights(aw), ref.log_weights(bw)
@@ -199,18 +208,22 @@ def _points_backward(ctx, gv: Tensor, *_):
     la, lb = ref.log_weights(aw), ref.log_weights(bw)
     Ga, Gb = gv.unsqueeze(1) * aw, gv.unsqueeze(1) * bw
     fp, gp = F[:, 1], G[:, 1]
-    Wx = Ga.unsqueeze(2) * _row_plan(lb.unsqueeze(1) + (gp.unsqueeze(1) - C) / eps, 2)
-    Wy = (Gb.unsqueeze(1) * _row_plan(la.unsqueeze(2) + (fp.unsqueeze(2) - C) / eps, 1)).transpose(1, 2)
+    Wx = Ga.unsqueeze(2) * _plan(lb + gp / eps, C, eps, 2)
+    Wy = (Gb.unsqueeze(1) * _plan(la + fp / eps, C, eps, 1)).transpose(1, 2)
     ga, gb = gv.unsqueeze(1) * F[:, 0], gv.unsqueeze(1) * G[:, 0]
+    sq = ctx.cost in ("half_sqeuclidean", "sqeuclidean")
+    k = 0.5 if ctx.cost == "half_sqeuclidean" else 1.0
     if not ctx.debias:
+        if sq:
+            return (_sq_grad(k, [Wx], [1.0], x, [y]), _sq_grad(k, [Wy], [1.0], y, [x]), ga, gb,
+                    None, None, None, None, None, None, None, None, None, None)
         return (_cost_grad(Wx, x, y, C, ctx.cost), _cost_grad(Wy, y, x, C.transpose(1, 2), ctx.cost), ga, gb,
                 None, None, None, None, None, None, None, None, None, None)
-    Wxx = Ga.unsqueeze(2) * _row_plan(la.unsqueeze(1) + (F[:, 3].unsqueeze(1) - Cxx) / eps, 2)
-    Wyy = Gb.unsqueeze(2) * _row_plan(lb.unsqueeze(1) + (G[:, 3].unsqueeze(1) - Cyy) / eps, 2)
-    if ctx.cost in ("half_sqeuclidean", "sqeuclidean"):  # one fused GEMM pair per side
-        k = 1.0 if ctx.cost == "half_sqeuclidean" else 2.0
-        gx = k * ((Wx.sum(2) - Wxx.sum(2)).unsqueeze(2) * x - torch.baddbmm(Wx @ y, Wxx, x, alpha=-1))
-        gy = k * ((Wy.sum(2) - Wyy.sum(2)).unsqueeze(2) * y - torch.baddbmm(Wy @ x, Wyy, y, alpha=-1))
+    Wxx = Ga.unsqueeze(2) * _plan(la + F[:, 3] / eps, Cxx, eps, 2)
+    Wyy = Gb.unsqueeze(2) * _plan(lb + G[:, 3] / eps, Cyy, eps, 2)
+    if sq:
+        gx = _sq_grad(k, [Wx, Wxx], [1.0, -1.0], x, [y, x])
+        gy = _sq_grad(k, [Wy, Wyy], [1.0, -1.0], y, [x, y])
     else:
         gx = _cost_grad(Wx, x, y, C, ctx.cost) - _cost_grad(Wxx, x, x, Cxx, ctx.cost)
         gy = _cost_grad(Wy, y, x, C.transpose(1, 2), ctx.cost) - _cost_grad(Wyy, y, y, Cyy, ctx.cost)
@@ -257,8 +270,8 @@ def _matrix_backward(ctx, gv: Tensor, *_):
     C, aw, bw, F, G, target = ctx.saved_tensors
     eps = target.to(C.dtype)
     la, lb = ref.log_weights(aw), ref.log_weights(bw)
-    R = _row_plan(lb.unsqueeze(1) + (G[:, 1].unsqueeze(1) - C) / eps, 2)
-    S = _row_plan(la.unsqueeze(2) + (F[:, 1].unsqueeze(2) - C) / eps, 1)
+    R = _plan(lb + G[:, 1] / eps, C, eps, 2)
+    S = _plan(la + F[:, 1] / eps, C, eps, 1)
     gC = (0.5 * gv).view(-1, 1, 1) * (aw.unsqueeze(2) * R + bw.unsqueeze(1) * S)
     return gC, gv.unsqueeze(1) * F[:, 0], gv.unsqueeze(1) * G[:, 0], None, None, None, None, None, None, None
 
@@ -334,9 +347,10 @@ def _prepare_points(x, y, a, b, x_mask, y_mask, cost, op):
     B, n, m = X.shape[0], X.shape[1], Y.shape[1]
     xm = V.point_mask(x_mask, "x_mask", (B, n), X.device, op)
     ym = V.point_mask(y_mask, "y_mask", (B, m), Y.device, op)
-    if _data_checks(X):
-        V.finite(X, "x", op)
-        V.finite(Y, "y", op)
+    if _data_checks(X):  # one reduction each; the full check (and its message) only on failure
+        if not bool(torch.isfinite(X.sum() + Y.sum())):
+            V.finite(X, "x", op)
+            V.finite(Y, "y", op)
     if X.dtype in (torch.float16, torch.bfloat16):
         X, Y = X.float(), Y.float()
     xm, ym = _masks(xm, ym, B, n, m, X.device)
@@ -406,7 +420,7 @@ def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional
             value, F, G, iters, tgt = sinkhorn_matrix(Cm, aw, bw, real, eps_v, blur, scaling, n_iters, tol_v, kind)
             f, g = F[:, 0] * xm, G[:, 0] * ym
             target = eps_v if eps is not None else blur
-            plan = _plan(f, g, Cm.detach(), aw, bw, tgt) if return_plan else None
+            plan = _full_plan(f, g, Cm.detach(), aw, bw, tgt) if return_plan else None
         value = value.to(cost.dtype)
     else:
         unbatched = isinstance(x, Tensor) and x.dim() == 2
@@ -422,7 +436,7 @@ def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional
             value, F, G, iters, C, _, _, tgt = sinkhorn_points(X, Y, aw, bw, xm, ym, cost, eps_v, blur, scaling,
                                                                n_iters, tol_v, False, kind)
             f, g = F[:, 0], G[:, 0]
-            plan = _plan(f, g, C, aw, bw, tgt) if return_plan else None
+            plan = _full_plan(f, g, C, aw, bw, tgt) if return_plan else None
         value = value.to(x.dtype)
     if unbatched:
         value, f, g, iters = value[0], f[0], g[0], iters[0]
@@ -430,7 +444,7 @@ def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional
     return SinkhornResult(value, f, g, plan, iters, float(target))
 
 
-def _plan(f: Tensor, g: Tensor, C: Tensor, aw: Tensor, bw: Tensor, eps: Tensor) -> Tensor:
+def _full_plan(f: Tensor, g: Tensor, C: Tensor, aw: Tensor, bw: Tensor, eps: Tensor) -> Tensor:
     """``a_i b_j exp((f_i + g_j - C_ij) / eps)`` (0 where a_i b_j = 0)."""
     e = eps.to(C.dtype)
     lp = (f.unsqueeze(2) + g.unsqueeze(1) - C) / e + ref.log_weights(aw).unsqueeze(2) + \

@@ -138,6 +138,8 @@ def solve(C: Tensor, loga: Tensor, logb: Tensor, log_eps0: Tensor, n_anneal: Ten
         g = f if symmetric else torch.where(r, 0.5 * (g + gt), g)
         iters = iters + run.to(torch.int32)
         active = run
+        if not bool(active.any()):
+            break
     return f, g, iters
 
 
