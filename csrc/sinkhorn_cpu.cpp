@@ -24,11 +24,12 @@ namespace xlt_fast {
 namespace {
 
 // exp for x <= 0 with ~2 ulp error (Cephes expf range reduction + degree-6 polynomial), written
-// branch-free so that the compiler vectorises the loops around it; exp(-inf) -> ~1e-38 (a term
-// that can never outweigh the row maximum, whose exp is 1).
-inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+// branch-free so that the compiler vectorises the loops around it. Below -87 it returns exactly 0
+// (never a subnormal: those would slow every later GEMM on the plans by orders of magnitude).
+__attribute__((always_inline)) inline float exp_nonpos(float x_in) {
+  const float x = x_in < -87.0f ? -87.0f : x_in;
+  // round to nearest by the 1.5 * 2^23 trick (plain adds: vectorises without SSE4.1 floor)
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - k * 0.693359375f;
   r = r + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -41,10 +42,65 @@ inline float exp_nonpos(float x) {
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float s;
   std::memcpy(&s, &bits, sizeof(s));
-  return y * s;
+  return x_in < -87.0f ? 0.0f : y * s;
 }
 
 inline double exp_nonpos(double x) { return std::exp(x); }
+
+// The two hot row loops: tmp_j = h_j - c_j * inv with its maximum, and tmp_j <- exp(tmp_j - mx)
+// with its sum. float versions are compiled twice, for AVX2+FMA (chosen at run time when the CPU
+// has it) and for the baseline ISA, so the build needs no -march flag.
+#define XLT_SINKHORN_ROW_LOOPS(SUFFIX, ATTR)                                                    \
+  ATTR float row_max##SUFFIX(const float* h, const float* c, float inv, float* tmp, int64_t len) { \
+    float mx = -std::numeric_limits<float>::infinity();                                        \
+    _Pragma("omp simd reduction(max : mx)") for (int64_t j = 0; j < len; ++j) {                \
+      tmp[j] = h[j] - c[j] * inv;                                                              \
+      mx = tmp[j] > mx ? tmp[j] : mx;                                                          \
+    }                                                                                          \
+    return mx;                                                                                 \
+  }                                                                                            \
+  ATTR float row_expsum##SUFFIX(float* tmp, float mx, int64_t len) {                           \
+    float s = 0;                                                                               \
+    _Pragma("omp simd reduction(+ : s)") for (int64_t j = 0; j < len; ++j) {                   \
+      tmp[j] = exp_nonpos(tmp[j] - mx);                                                        \
+      s += tmp[j];                                                                             \
+    }                                                                                          \
+    return s;                                                                                  \
+  }
+
+XLT_SINKHORN_ROW_LOOPS(_avx2, __attribute__((target("avx2,fma"))))
+XLT_SINKHORN_ROW_LOOPS(_base, )
+
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+inline float row_max(const float* h, const float* c, float inv, float* tmp, int64_t len) {
+  return has_avx2() ? row_max_avx2(h, c, inv, tmp, len) : row_max_base(h, c, inv, tmp, len);
+}
+
+inline float row_expsum(float* tmp, float mx, int64_t len) {
+  return has_avx2() ? row_expsum_avx2(tmp, mx, len) : row_expsum_base(tmp, mx, len);
+}
+
+inline double row_max(const double* h, const double* c, double inv, double* tmp, int64_t len) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < len; ++j) {
+    tmp[j] = h[j] - c[j] * inv;
+    mx = tmp[j] > mx ? tmp[j] : mx;
+  }
+  return mx;
+}
+
+inline double row_expsum(double* tmp, double mx, int64_t len) {
+  double s = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    tmp[j] = std::exp(tmp[j] - mx);
+    s += tmp[j];
+  }
+  return s;
+}
 
 // out_i = -eps log sum_j exp(h_j - C_ij / eps) over rows of the row-major (rows, cols) block C with
 // leading dimension ld; out_i = 0 when every h_j is -inf. tmp: scratch of size cols.
@@ -52,21 +108,8 @@ template <typename T>
 void softmin(const T* C, int64_t ld, int64_t rows, int64_t cols, const T* h, T eps, T* out, T* tmp) {
   const T inv = T(1) / eps;
   for (int64_t i = 0; i < rows; ++i) {
-    const T* c = C + i * ld;
-    T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < cols; ++j) {
-      tmp[j] = h[j] - c[j] * inv;
-      mx = tmp[j] > mx ? tmp[j] : mx;
-    }
-    if (!(mx > -std::numeric_limits<T>::infinity())) {
-      out[i] = 0;
-      continue;
-    }
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < cols; ++j) s += exp_nonpos(tmp[j] - mx);
-    out[i] = -eps * (mx + std::log(s));
+    const T mx = row_max(h, C + i * ld, inv, tmp, cols);
+    out[i] = mx > -std::numeric_limits<T>::infinity() ? -eps * (mx + std::log(row_expsum(tmp, mx, cols))) : T(0);
   }
 }
 
@@ -206,13 +249,72 @@ std::vector<at::Tensor> sinkhorn_solve_cpu(const at::Tensor& C_in, const at::Ten
   return {fp, gp, f, g, iters};
 }
 
+// W_ij = w_i softmax_j(h_j - C_ij / eps) (cols = false, W (B, n, m)), or, over C's columns,
+// W_ji = w_j softmax_i(h_i - C_ij / eps) (cols = true, W (B, m, n)): the one-sided plans of the
+// envelope-theorem gradient. A row whose h is all -inf (no mass) gives 0.
+template <typename T>
+void plans(const T* Cg, const T* hg, const T* wg, T eps, bool cols, int64_t B, int64_t n, int64_t m, T* out) {
+  const int64_t rows = cols ? m : n, len = cols ? n : m;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(static_cast<size_t>(len * (cols ? rows + 1 : 1)));
+    const T inv = T(1) / eps;
+    for (int64_t b = begin; b < end; ++b) {
+      const T* src = Cg + b * n * m;
+      const T* C = src;
+      T* tmp = buf.data();
+      if (cols) {
+        T* CT = buf.data() + len;
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < m; ++j) CT[j * n + i] = src[i * m + j];
+        C = CT;
+      }
+      const T* h = hg + b * len;
+      const T* w = wg + b * rows;
+      for (int64_t r = 0; r < rows; ++r) {
+        T* o = out + (b * rows + r) * len;
+        const T mx = row_max(h, C + r * len, inv, tmp, len);
+        if (!(mx > -std::numeric_limits<T>::infinity()) || w[r] == T(0)) {
+          std::fill(o, o + len, T(0));
+          continue;
+        }
+        const T scale = w[r] / row_expsum(tmp, mx, len);
+        for (int64_t j = 0; j < len; ++j) o[j] = tmp[j] * scale;
+      }
+    }
+  });
+}
+
+at::Tensor sinkhorn_plan_cpu(const at::Tensor& C_in, const at::Tensor& h_in, const at::Tensor& w_in, double eps,
+                             bool cols) {
+  check_cpu_float(C_in, "C");
+  check_dim(C_in, 3, "C");
+  const int64_t B = C_in.size(0), n = C_in.size(1), m = C_in.size(2);
+  const int64_t rows = cols ? m : n, len = cols ? n : m;
+  TORCH_CHECK(h_in.dim() == 2 && h_in.size(0) == B && h_in.size(1) == len, "h must have shape (B, ", len, ")");
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) == B && w_in.size(1) == rows, "w must have shape (B, ", rows, ")");
+  TORCH_CHECK(eps > 0, "eps must be > 0");
+  const at::Tensor C = C_in.contiguous();
+  const at::Tensor h = h_in.to(C.scalar_type()).contiguous();
+  const at::Tensor w = w_in.to(C.scalar_type()).contiguous();
+  at::Tensor out = at::empty({B, rows, len}, C.options());
+  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "sinkhorn_plan_cpu", [&] {
+    plans<scalar_t>(C.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                    static_cast<scalar_t>(eps), cols, B, n, m, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(xlt_fast_C, m) {
   m.def("sinkhorn_solve(Tensor C, Tensor loga, Tensor logb, Tensor log_eps0, Tensor n_anneal, float log_ratio, "
         "float eps, int n_iters, float tol, bool symmetric) -> Tensor[]");
+  m.def("sinkhorn_plan(Tensor C, Tensor h, Tensor w, float eps, bool cols) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(xlt_fast_C, CPU, m) { m.impl("sinkhorn_solve", &sinkhorn_solve_cpu); }
+TORCH_LIBRARY_IMPL(xlt_fast_C, CPU, m) {
+  m.impl("sinkhorn_solve", &sinkhorn_solve_cpu);
+  m.impl("sinkhorn_plan", &sinkhorn_plan_cpu);
+}
 
 }  // namespace xlt_fast

@@ -242,6 +242,9 @@ def test_opcheck():
     torch.library.opcheck(ops.sinkhorn_solve.default,
                           (C.detach(), ref.log_weights(aw), ref.log_weights(bw), log_eps0, n_anneal, -1.0, 0.05,
                            5, -1.0, False, "cpu"))
+    for cols in (False, True):
+        torch.library.opcheck(ops.sinkhorn_plan.default,
+                              (C.detach(), torch.randn(2, 5 if cols else 4), aw if not cols else bw, 0.1, cols, "cpu"))
 
 
 def test_hard_coupling_and_average():

@@ -59,12 +59,23 @@ def _(C, loga, logb, log_eps0, n_anneal, log_ratio, eps, n_iters, tol, symmetric
 
 
 # ----------------------------------------------------------------------------- helpers
-def _plan(h: Tensor, C: Tensor, eps: Tensor, dim: int) -> Tensor:
-    """``softmax(h - C / eps)`` along ``dim`` (h broadcast along the other axis): a one-sided plan
-    up to the weights. ``h`` of a problem without mass (all -inf) is replaced by 0 so that nothing
-    is NaN; its weights are 0."""
+@torch.library.custom_op("xlt_fast::sinkhorn_plan", mutates_args=())
+def sinkhorn_plan(C: Tensor, h: Tensor, w: Tensor, eps: float, cols: bool, backend: str) -> Tensor:
+    """One-sided plan of the envelope gradient: ``W_ij = w_i softmax_j(h_j - C_ij / eps)`` ``(B, n, m)``,
+    or with ``cols`` ``W_ji = w_j softmax_i(h_i - C_ij / eps)`` ``(B, m, n)``. A problem whose ``h`` is
+    all -inf (no mass, w = 0) gives 0, not NaN."""
+    if backend == "cpu":
+        return _backend.extension().sinkhorn_plan(C, h, w, eps, cols)
     h = torch.where(torch.isfinite(h).any(1, keepdim=True), h, 0)
-    return torch.softmax(h.unsqueeze(3 - dim) - C / eps, dim)
+    if cols:
+        return (w.unsqueeze(1) * torch.softmax(h.unsqueeze(2) - C / eps, 1)).transpose(1, 2).contiguous()
+    return w.unsqueeze(2) * torch.softmax(h.unsqueeze(1) - C / eps, 2)
+
+
+@sinkhorn_plan.register_fake
+def _(C, h, w, eps, cols, backend):
+    B, n, m = C.shape
+    return C.new_empty(B, m, n) if cols else C.new_empty(B, n, m)
 
 
 def _sq_grad(k: float, Ws: list[Tensor], signs: list[float], x: Tensor, others: list[Tensor]) -> Tensor:
@@ -97,7 +108,7 @@ def _schedule(scale: Tensor, p: int, eps: float, blur: float, scaling: float, B:
         return (torch.full((B,), math.log(eps), dtype=torch.float64, device=device),
                 torch.zeros(B, dtype=torch.int32, device=device), eps)
     log_eps0, n_anneal = ref.schedule_params(scale, p, blur, scaling)
-    return log_eps0, n_anneal, blur ** p
+    return log_eps0, n_anneal, _target_eps(eps, blur, p)
 
 
 def _solve(C, loga, logb, sched, log_ratio, n_iters, tol, symmetric, kind):
@@ -113,13 +124,32 @@ def _masks(xm: Optional[Tensor], ym: Optional[Tensor], B: int, n: int, m: int, d
 
 
 # ----------------------------------------------------------------------------- point-cloud op
-def _centred(x: Tensor, y: Tensor, xm: Tensor, ym: Tensor) -> tuple[Tensor, Tensor]:
-    """x and y minus the mean of their real points together, padded rows set to 0. Distances are
-    unchanged; the norms that the GEMM expansion cancels against shrink (no fp32 blow-up)."""
+PAD = 1e-15  # scale of the padded rows in the centred coordinates (see _centred)
+
+
+def _centred(x: Tensor, y: Tensor, xm: Tensor, ym: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x and y minus the mean of their real points together (distances unchanged; the norms that the
+    GEMM expansion cancels against shrink: no fp32 blow-up), and the per-problem diameter of the
+    real points' bounding box (GeomLoss's ``max_diameter``).
+
+    Padded rows become +PAD e_k (x) / -PAD e_k (y), distinct tiny vectors, instead of zeros: the
+    pairwise kernel recomputes near-identical rows exactly over all d, which for zero padding would
+    redo every padded pair; their costs never matter (zero mass). The centroid 0 lies inside the
+    bounding box, so these rows widen it by at most PAD."""
     xf, yf = xm.to(x.dtype).unsqueeze(1), ym.to(y.dtype).unsqueeze(1)
     cnt = (xf.sum(2) + yf.sum(2)).clamp_min(1).unsqueeze(-1)
     c = (xf @ x + yf @ y) / cnt
-    return torch.where(xm.unsqueeze(-1), x - c, 0), torch.where(ym.unsqueeze(-1), y - c, 0)
+    d = x.shape[-1]
+
+    def pad_rows(k: int, value: float) -> Tensor:
+        idx = (torch.arange(k, device=x.device) % d).unsqueeze(1)
+        return torch.zeros(k, d, dtype=x.dtype, device=x.device).scatter_(1, idx, value)
+
+    xc = torch.where(xm.unsqueeze(-1), x - c, pad_rows(x.shape[1], PAD))
+    yc = torch.where(ym.unsqueeze(-1), y - c, pad_rows(y.shape[1], -PAD))
+    (xlo, xhi), (ylo, yhi) = torch.aminmax(xc, dim=1), torch.aminmax(yc, dim=1)
+    diam = torch.linalg.vector_norm(torch.maximum(xhi, yhi) - torch.minimum(xlo, ylo), dim=-1)
+    return xc, yc, diam
 
 
 class _Costs:
@@ -143,28 +173,25 @@ class _Costs:
 @torch.library.custom_op("xlt_fast::sinkhorn_points", mutates_args=())
 def sinkhorn_points(x: Tensor, y: Tensor, aw: Tensor, bw: Tensor, x_mask: Tensor, y_mask: Tensor, cost: str,
                     eps: float, blur: float, scaling: float, n_iters: int, tol: float, debias: bool,
-                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """OT_eps (``debias=False``) or S_eps per problem between weighted point clouds.
 
     ``aw, bw``: normalised weights, 0 on padded points. ``eps <= 0``: GeomLoss eps-scaling to
-    ``blur^p``. Returns ``(value (B,), F (B, 4, n), G (B, 4, m), iters (B,), C_xy, C_xx, C_yy,
-    target eps (1,))`` with ``F = [f, f_prev, f_aa, f_aa_prev]``, ``G = [g, g_prev, g_bb,
-    g_bb_prev]`` (self rows 0 without debias, C_xx / C_yy empty); outputs after ``value`` are
+    ``blur^p``. Returns ``(value (B,), F (B, 4, n), G (B, 4, m), iters (B,), C_xy, C_xx, C_yy)``
+    with ``F = [f, f_prev, f_aa, f_aa_prev]``, ``G = [g, g_prev, g_bb, g_bb_prev]`` (self rows 0 without debias, C_xx / C_yy empty); outputs after ``value`` are
     saved for the backward and carry no gradient.
     """
     B, n, _ = x.shape
     m = y.shape[1]
     p = ref.COST_P[cost]
-    # cosine is not translation invariant: its kernel normalises the raw rows
-    xc, yc = (x, y) if cost == "cosine" else _centred(x, y, x_mask, y_mask)
-    costs = _Costs(xc, yc, x_mask, y_mask, cost, backend)
-    C = costs(False)
-    if cost == "cosine":
+    if cost == "cosine":  # not translation invariant: its kernel normalises the raw rows
+        costs = _Costs(x, y, x_mask, y_mask, cost, backend)
+        C = costs(False)
         scale = ref.cost_range(C, x_mask.unsqueeze(-1) & y_mask.unsqueeze(-2))
-    else:  # the centroid lies in the bounding box, so the zero padded rows never widen it
-        (xlo, xhi), (ylo, yhi) = torch.aminmax(xc, dim=1), torch.aminmax(yc, dim=1)
-        span = torch.maximum(xhi, yhi) - torch.minimum(xlo, ylo)
-        scale = torch.linalg.vector_norm(span, dim=-1)
+    else:
+        xc, yc, scale = _centred(x, y, x_mask, y_mask)
+        costs = _Costs(xc, yc, x_mask, y_mask, cost, backend)
+        C = costs(False)
     sched = _schedule(scale, p, eps, blur, scaling, B, x.device)
     loga, logb = ref.log_weights(aw), ref.log_weights(bw)
     log_ratio = p * math.log(scaling)
@@ -180,8 +207,7 @@ def sinkhorn_points(x: Tensor, y: Tensor, aw: Tensor, bw: Tensor, x_mask: Tensor
         value = value - (aw * faa).sum(1) - (bw * gbb).sum(1)
     F = torch.stack([f, fp, faa, faap], 1) * x_mask.unsqueeze(1)
     G = torch.stack([g, gp, gbb, gbbp], 1) * y_mask.unsqueeze(1)
-    target = torch.full((1,), sched[2], dtype=torch.float64, device=x.device)
-    return value, F, G, iters, C, Cxx, Cyy, target
+    return value, F, G, iters, C, Cxx, Cyy
 
 
 @sinkhorn_points.register_fake
@@ -190,26 +216,29 @@ def _(x, y, aw, bw, x_mask, y_mask, cost, eps, blur, scaling, n_iters, tol, debi
     m = y.shape[1]
     return (x.new_empty(B), x.new_empty(B, 4, n), x.new_empty(B, 4, m), x.new_empty(B, dtype=torch.int32),
             x.new_empty(B, n, m), x.new_empty(B, n, n) if debias else x.new_empty(0, 0, 0),
-            x.new_empty(B, m, m) if debias else x.new_empty(0, 0, 0),
-            x.new_empty(1, dtype=torch.float64))
+            x.new_empty(B, m, m) if debias else x.new_empty(0, 0, 0))
+
+
+def _target_eps(eps: float, blur: float, p: int) -> float:
+    return eps if eps > 0 else blur ** p
 
 
 def _points_setup(ctx, inputs, output) -> None:
-    x, y, aw, bw, _, _, cost, _, _, _, _, _, debias, _ = inputs
-    _, F, G, iters, C, Cxx, Cyy, target = output
-    ctx.save_for_backward(x, y, aw, bw, F, G, C, Cxx, Cyy, target)
-    ctx.cost, ctx.debias = cost, debias
-    ctx.mark_non_differentiable(F, G, iters, C, Cxx, Cyy, target)
+    x, y, aw, bw, _, _, cost, eps, blur, _, _, _, debias, backend = inputs
+    _, F, G, iters, C, Cxx, Cyy = output
+    ctx.save_for_backward(x, y, aw, bw, F, G, C, Cxx, Cyy)
+    ctx.cost, ctx.debias, ctx.backend = cost, debias, backend
+    ctx.target = _target_eps(eps, blur, ref.COST_P[cost])
+    ctx.mark_non_differentiable(F, G, iters, C, Cxx, Cyy)
 
 
 def _points_backward(ctx, gv: Tensor, *_):
-    x, y, aw, bw, F, G, C, Cxx, Cyy, target = ctx.saved_tensors
-    eps = target.to(C.dtype)
+    x, y, aw, bw, F, G, C, Cxx, Cyy = ctx.saved_tensors
+    eps, be = ctx.target, ctx.backend
     la, lb = ref.log_weights(aw), ref.log_weights(bw)
     Ga, Gb = gv.unsqueeze(1) * aw, gv.unsqueeze(1) * bw
-    fp, gp = F[:, 1], G[:, 1]
-    Wx = Ga.unsqueeze(2) * _plan(lb + gp / eps, C, eps, 2)
-    Wy = (Gb.unsqueeze(1) * _plan(la + fp / eps, C, eps, 1)).transpose(1, 2)
+    Wx = sinkhorn_plan(C, lb + G[:, 1] / eps, Ga, eps, False, be)
+    Wy = sinkhorn_plan(C, la + F[:, 1] / eps, Gb, eps, True, be)
     ga, gb = gv.unsqueeze(1) * F[:, 0], gv.unsqueeze(1) * G[:, 0]
     sq = ctx.cost in ("half_sqeuclidean", "sqeuclidean")
     k = 0.5 if ctx.cost == "half_sqeuclidean" else 1.0
@@ -219,8 +248,8 @@ def _points_backward(ctx, gv: Tensor, *_):
                     None, None, None, None, None, None, None, None, None, None)
         return (_cost_grad(Wx, x, y, C, ctx.cost), _cost_grad(Wy, y, x, C.transpose(1, 2), ctx.cost), ga, gb,
                 None, None, None, None, None, None, None, None, None, None)
-    Wxx = Ga.unsqueeze(2) * _plan(la + F[:, 3] / eps, Cxx, eps, 2)
-    Wyy = Gb.unsqueeze(2) * _plan(lb + G[:, 3] / eps, Cyy, eps, 2)
+    Wxx = sinkhorn_plan(Cxx, la + F[:, 3] / eps, Ga, eps, False, be)
+    Wyy = sinkhorn_plan(Cyy, lb + G[:, 3] / eps, Gb, eps, False, be)
     if sq:
         gx = _sq_grad(k, [Wx, Wxx], [1.0, -1.0], x, [y, x])
         gy = _sq_grad(k, [Wy, Wyy], [1.0, -1.0], y, [x, y])
@@ -239,41 +268,41 @@ sinkhorn_points.register_autograd(_points_backward, setup_context=_points_setup)
 @torch.library.custom_op("xlt_fast::sinkhorn_matrix", mutates_args=())
 def sinkhorn_matrix(C: Tensor, aw: Tensor, bw: Tensor, real: Tensor, eps: float, blur: float, scaling: float,
                     n_iters: int, tol: float,
-                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """OT_eps per problem for a precomputed cost ``C (B, n, m)`` (padded entries already 0; ``real``
     the (B, n, m) mask of real pairs). The schedule scale is the range of the real entries, p = 1.
-    Returns ``(value, F (B, 2, n) = [f, f_prev], G (B, 2, m), iters, target eps (1,))``."""
+    Returns ``(value, F (B, 2, n) = [f, f_prev], G (B, 2, m), iters)``."""
     B = C.shape[0]
     sched = _schedule(ref.cost_range(C, real), 1, eps, blur, scaling, B, C.device)
     loga, logb = ref.log_weights(aw), ref.log_weights(bw)
     fp, gp, f, g, iters = _solve(C, loga, logb, sched, math.log(scaling), n_iters, tol, False, backend)
     value = (aw * f).sum(1) + (bw * g).sum(1)
-    target = torch.full((1,), sched[2], dtype=torch.float64, device=C.device)
-    return value, torch.stack([f, fp], 1), torch.stack([g, gp], 1), iters, target
+    return value, torch.stack([f, fp], 1), torch.stack([g, gp], 1), iters
 
 
 @sinkhorn_matrix.register_fake
 def _(C, aw, bw, real, eps, blur, scaling, n_iters, tol, backend):
     B, n, m = C.shape
-    return (C.new_empty(B), C.new_empty(B, 2, n), C.new_empty(B, 2, m), C.new_empty(B, dtype=torch.int32),
-            C.new_empty(1, dtype=torch.float64))
+    return C.new_empty(B), C.new_empty(B, 2, n), C.new_empty(B, 2, m), C.new_empty(B, dtype=torch.int32)
 
 
 def _matrix_setup(ctx, inputs, output) -> None:
-    C, aw, bw = inputs[:3]
-    _, F, G, iters, target = output
-    ctx.save_for_backward(C, aw, bw, F, G, target)
-    ctx.mark_non_differentiable(F, G, iters, target)
+    C, aw, bw, _, eps, blur = inputs[:6]
+    _, F, G, iters = output
+    ctx.save_for_backward(C, aw, bw, F, G)
+    ctx.target, ctx.backend = _target_eps(eps, blur, 1), inputs[-1]
+    ctx.mark_non_differentiable(F, G, iters)
 
 
 def _matrix_backward(ctx, gv: Tensor, *_):
-    C, aw, bw, F, G, target = ctx.saved_tensors
-    eps = target.to(C.dtype)
+    C, aw, bw, F, G = ctx.saved_tensors
+    eps, be = ctx.target, ctx.backend
     la, lb = ref.log_weights(aw), ref.log_weights(bw)
-    R = _plan(lb + G[:, 1] / eps, C, eps, 2)
-    S = _plan(la + F[:, 1] / eps, C, eps, 1)
-    gC = (0.5 * gv).view(-1, 1, 1) * (aw.unsqueeze(2) * R + bw.unsqueeze(1) * S)
-    return gC, gv.unsqueeze(1) * F[:, 0], gv.unsqueeze(1) * G[:, 0], None, None, None, None, None, None, None
+    half = 0.5 * gv.unsqueeze(1)
+    Wf = sinkhorn_plan(C, lb + G[:, 1] / eps, half * aw, eps, False, be)
+    Wg = sinkhorn_plan(C, la + F[:, 1] / eps, half * bw, eps, True, be)
+    return Wf + Wg.transpose(1, 2), gv.unsqueeze(1) * F[:, 0], gv.unsqueeze(1) * G[:, 0], None, None, None, None, \
+        None, None, None
 
 
 sinkhorn_matrix.register_autograd(_matrix_backward, setup_context=_matrix_setup)
@@ -411,43 +440,40 @@ def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional
         real = xm.unsqueeze(2) & ym.unsqueeze(1)
         Cm = Cm.masked_fill(~real, 0)
         kind = _backend.resolve(backend, Cm.device, op, available=("reference", "cpu", "triton"))
+        target = _target_eps(eps_v, blur, 1)
         if kind == "reference":
             r = ref.sinkhorn(None, None, aw, bw, xm, ym, Cm, None if eps is None else eps_v, blur, scaling,
                              n_iters, None if tol is None else tol_v, return_plan=return_plan)
-            value, f, g, iters, target = r["value"], r["f"], r["g"], r["iters"], (eps_v if eps is not None else blur)
-            plan = r.get("plan")
+            value, f, g, iters, plan = r["value"], r["f"], r["g"], r["iters"], r.get("plan")
         else:
-            value, F, G, iters, tgt = sinkhorn_matrix(Cm, aw, bw, real, eps_v, blur, scaling, n_iters, tol_v, kind)
+            value, F, G, iters = sinkhorn_matrix(Cm, aw, bw, real, eps_v, blur, scaling, n_iters, tol_v, kind)
             f, g = F[:, 0] * xm, G[:, 0] * ym
-            target = eps_v if eps is not None else blur
-            plan = _full_plan(f, g, Cm.detach(), aw, bw, tgt) if return_plan else None
+            plan = _full_plan(f, g, Cm.detach(), aw, bw, target) if return_plan else None
         value = value.to(cost.dtype)
     else:
         unbatched = isinstance(x, Tensor) and x.dim() == 2
         X, Y, aw, bw, xm, ym = _prepare_points(x, y, a, b, x_mask, y_mask, cost, op)
         kind = _backend.resolve(backend, X.device, op, available=("reference", "cpu", "triton"))
-        p = ref.COST_P[cost]
-        target = eps_v if eps is not None else blur ** p
+        target = _target_eps(eps_v, blur, ref.COST_P[cost])
         if kind == "reference":
             r = ref.sinkhorn(X, Y, aw, bw, xm, ym, cost, None if eps is None else eps_v, blur, scaling, n_iters,
                              None if tol is None else tol_v, return_plan=return_plan)
             value, f, g, iters, plan = r["value"], r["f"], r["g"], r["iters"], r.get("plan")
         else:
-            value, F, G, iters, C, _, _, tgt = sinkhorn_points(X, Y, aw, bw, xm, ym, cost, eps_v, blur, scaling,
-                                                               n_iters, tol_v, False, kind)
+            value, F, G, iters, C, _, _ = sinkhorn_points(X, Y, aw, bw, xm, ym, cost, eps_v, blur, scaling, n_iters,
+                                                          tol_v, False, kind)
             f, g = F[:, 0], G[:, 0]
-            plan = _full_plan(f, g, C, aw, bw, tgt) if return_plan else None
+            plan = _full_plan(f, g, C, aw, bw, target) if return_plan else None
         value = value.to(x.dtype)
     if unbatched:
         value, f, g, iters = value[0], f[0], g[0], iters[0]
         plan = plan[0] if plan is not None else None
-    return SinkhornResult(value, f, g, plan, iters, float(target))
+    return SinkhornResult(value, f, g, plan, iters, target)
 
 
-def _full_plan(f: Tensor, g: Tensor, C: Tensor, aw: Tensor, bw: Tensor, eps: Tensor) -> Tensor:
+def _full_plan(f: Tensor, g: Tensor, C: Tensor, aw: Tensor, bw: Tensor, eps: float) -> Tensor:
     """``a_i b_j exp((f_i + g_j - C_ij) / eps)`` (0 where a_i b_j = 0)."""
-    e = eps.to(C.dtype)
-    lp = (f.unsqueeze(2) + g.unsqueeze(1) - C) / e + ref.log_weights(aw).unsqueeze(2) + \
+    lp = (f.unsqueeze(2) + g.unsqueeze(1) - C) / eps + ref.log_weights(aw).unsqueeze(2) + \
         ref.log_weights(bw).unsqueeze(1)
     return lp.exp().detach()
 
