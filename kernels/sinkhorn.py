@@ -25,7 +25,7 @@ TILE_MAX = 128
 @triton.jit
 def _eps_at(t, na, log_eps0, log_ratio, eps):
     step = tl.maximum(t - 1, 0).to(tl.float64)
-    ann = tl.exp(log_eps0 + step * log_ratio).to(tl.float32)
+    ann = tl.exp((log_eps0 + step * log_ratio).to(tl.float32))
     return tl.where(t < na, ann, eps)
 
 
@@ -74,15 +74,15 @@ def _sinkhorn_tile(c_ptr, la_ptr, lb_ptr, le_ptr, na_ptr, fp_ptr, gp_ptr, f_ptr,
     na = tl.load(na_ptr + b)
     live = (tl.max(la, 0) > float("-inf")) & (tl.max(lb, 0) > float("-inf"))
 
-    e0 = tl.exp(log_eps0).to(tl.float32)
+    e0 = tl.exp(log_eps0.to(tl.float32))
     f = _softmin_rows(c, lb, e0)
     if SYM:
         g = lb  # unused: g is f
     else:
         g = _softmin_cols(c, la, e0)
     total = na + n_iters
-    t = 0
-    iters = 0
+    t = na * 0  # loop-carried scalars start as int32 tensors
+    iters = na * 0
     cont = t < total
     while cont:
         e = _eps_at(t, na, log_eps0, log_ratio, eps)
@@ -154,7 +154,7 @@ def _stream_softmin(c_ptr, s_out, s_red, w_ptr, p_ptr, out_ptr, n_out, n_red, e,
 
 @triton.jit
 def _err_sum(w_ptr, p_ptr, pt_ptr, n, e, BLOCK: tl.constexpr):
-    err = 0.0
+    err = tl.sum(tl.zeros((BLOCK,), tl.float32), 0)
     for i0 in range(0, n, BLOCK):
         ri = i0 + tl.arange(0, BLOCK)
         mi = ri < n
@@ -186,7 +186,7 @@ def _sinkhorn_tiled(c_ptr, la_ptr, lb_ptr, le_ptr, na_ptr, fp_ptr, gp_ptr, f_ptr
     fp, gp, ft, gt = fp_ptr + b * n, gp_ptr + b * m, f_ptr + b * n, g_ptr + b * m
     log_eps0 = tl.load(le_ptr + b)
     na = tl.load(na_ptr + b)
-    e0 = tl.exp(log_eps0).to(tl.float32)
+    e0 = tl.exp(log_eps0.to(tl.float32))
     if SYM:
         _stream_softmin(cb, scn, scm, la, fp, fp, n, n, e0, True, BLOCK_O, BLOCK_R)
     else:
@@ -194,8 +194,8 @@ def _sinkhorn_tiled(c_ptr, la_ptr, lb_ptr, le_ptr, na_ptr, fp_ptr, gp_ptr, f_ptr
         _stream_softmin(cb, scm, scn, la, fp, gp, m, n, e0, True, BLOCK_O, BLOCK_R)
     tl.debug_barrier()
     total = na + n_iters
-    t = 0
-    iters = 0
+    t = na * 0
+    iters = na * 0
     cont = t < total
     while cont:
         e = _eps_at(t, na, log_eps0, log_ratio, eps)

@@ -175,8 +175,9 @@ def test_single_point_and_all_masked(backend, device):
         for t in outs[-1]:
             assert torch.isfinite(t).all()
         assert v[1] == 0 and r.cost[1] == 0 and (gx[1] == 0).all() and (r.plan[1] == 0).all()
-        # one target point: every source point sends all its mass there
-        assert torch.allclose(r.plan[0].sum(), torch.tensor(1.0, device=dev))
+        # one target point: every source point sends all its mass there (float32 plan entries carry
+        # a relative error ~ 2^-24 |C| / eps ~ 1e-5 here)
+        assert abs(float(r.plan[0].sum()) - 1) < 1e-4
     for w, g_ in zip(*outs):
         assert rel(g_, w) < 1e-4
 

@@ -6,9 +6,11 @@ wording: ``"half_sqeuclidean"`` |x - y|^2 / 2 is the default (GeomLoss p = 2), s
 ``sinkhorn_divergence(x, y)`` equals ``geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05,
 scaling=0.5, debias=True)`` per problem; ``"sqeuclidean"`` is |x - y|^2 as in every op.
 
-Two custom ops:
+Custom ops:
 - ``xlt_fast::sinkhorn_solve`` runs the loop on a detached cost (C++ CPU kernel or Triton kernel);
   it returns the previous and the extrapolated potentials and the iteration counts.
+- ``xlt_fast::sinkhorn_plan`` builds the one-sided plans of the backward (C++ on the CPU, torch
+  softmax elsewhere).
 - ``xlt_fast::sinkhorn_points`` (point clouds) and ``xlt_fast::sinkhorn_matrix`` (precomputed cost)
   compute the costs (the pairwise kernels, centred and refined: no cancellation at small eps), the
   schedule on the device (no host sync), call the solver and return the value; their autograd
