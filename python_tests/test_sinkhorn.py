@@ -311,3 +311,15 @@ def test_triton_solver_paths_match_reference(path, symmetric):
         K.tiled(dev[0], dev[1], dev[2], dev[3], dev[4], *got, *args, symmetric, block_o=16, block_r=16)
     assert torch.equal(got[4].cpu(), iters) and (iters < 60 + n_anneal).any()
     assert rel(got[0][xm], fp[xm]) < 1e-5 and rel(got[1][ym], gp[ym]) < 1e-5
+
+
+def test_compiles_fullgraph():
+    """The op path has no graph break (no data-dependent host sync): torch.compile(fullgraph=True)
+    traces the custom ops through their fake kernels, forward and backward."""
+    x, y, xm, ym = clouds(3, 7, 6, 5, dtype=torch.float32, masks=True, seed=14)
+    fn = lambda u, v: xlt_fast.sinkhorn_divergence(u, v, x_mask=xm, y_mask=ym, backend="cpu")  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    got = _run(compiled, x, y)
+    want = _run(fn, x, y)
+    for g_, w in zip(got, want):
+        assert torch.equal(g_, w)

@@ -329,8 +329,11 @@ class SinkhornResult:
 
 
 def _data_checks(t: Tensor) -> bool:
-    """Checks that read data are skipped during CUDA-graph capture (they would sync)."""
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    """Checks that read data (a host sync) run eagerly only: not while tracing / compiling, nor
+    during CUDA-graph capture."""
+    if torch.compiler.is_compiling():  # first: dynamo folds it and never traces the rest
+        return False
+    return not (V._tracing(t) or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def _weights(w: Optional[Tensor], name: str, mask: Tensor, like: Tensor, op: str) -> Tensor:
@@ -349,12 +352,10 @@ def _weights(w: Optional[Tensor], name: str, mask: Tensor, like: Tensor, op: str
     w = torch.where(mask, w.to(like.dtype), 0)
     if _data_checks(w):
         V.finite(w, name, op)
-        if not V._tracing(w):
-            if bool((w < 0).any()):
-                raise ValueError(f"{op}: {name} must be non-negative")
-            total = w.sum(1)
-            if bool(((total <= 0) & mask.any(1)).any()):
-                raise ValueError(f"{op}: {name} must have a positive total over the real points of each problem")
+        if bool((w < 0).any()):
+            raise ValueError(f"{op}: {name} must be non-negative")
+        if bool(((w.sum(1) <= 0) & mask.any(1)).any()):
+            raise ValueError(f"{op}: {name} must have a positive total over the real points of each problem")
     return w / w.sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
 
 
