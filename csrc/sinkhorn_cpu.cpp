@@ -16,7 +16,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -27,7 +26,7 @@ namespace {
 // branch-free so that the compiler vectorises the loops around it. Below -87 it returns exactly 0
 // (never a subnormal: those would slow every later GEMM on the plans by orders of magnitude).
 __attribute__((always_inline)) inline float exp_nonpos(float x_in) {
-  const float x = x_in < -87.0f ? -87.0f : x_in;
+  const float x = std::fmax(x_in, -87.0f);
   // round to nearest by the 1.5 * 2^23 trick (plain adds: vectorises without SSE4.1 floor)
   const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - k * 0.693359375f;
@@ -39,10 +38,9 @@ __attribute__((always_inline)) inline float exp_nonpos(float x_in) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return x_in < -87.0f ? 0.0f : y * s;
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  const float keep = static_cast<float>(x_in >= -87.0f);  // 0 below -87: no select, no branch
+  return y * scale * keep;
 }
 
 inline double exp_nonpos(double x) { return std::exp(x); }
@@ -60,11 +58,9 @@ inline double exp_nonpos(double x) { return std::exp(x); }
     return mx;                                                                                 \
   }                                                                                            \
   ATTR float row_expsum##SUFFIX(float* tmp, float mx, int64_t len) {                           \
+    _Pragma("omp simd") for (int64_t j = 0; j < len; ++j) tmp[j] = exp_nonpos(tmp[j] - mx);   \
     float s = 0;                                                                               \
-    _Pragma("omp simd reduction(+ : s)") for (int64_t j = 0; j < len; ++j) {                   \
-      tmp[j] = exp_nonpos(tmp[j] - mx);                                                        \
-      s += tmp[j];                                                                             \
-    }                                                                                          \
+    _Pragma("omp simd reduction(+ : s)") for (int64_t j = 0; j < len; ++j) s += tmp[j];        \
     return s;                                                                                  \
   }
 

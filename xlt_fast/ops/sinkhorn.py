@@ -180,8 +180,9 @@ def sinkhorn_points(x: Tensor, y: Tensor, aw: Tensor, bw: Tensor, x_mask: Tensor
 
     ``aw, bw``: normalised weights, 0 on padded points. ``eps <= 0``: GeomLoss eps-scaling to
     ``blur^p``. Returns ``(value (B,), F (B, 4, n), G (B, 4, m), iters (B,), C_xy, C_xx, C_yy)``
-    with ``F = [f, f_prev, f_aa, f_aa_prev]``, ``G = [g, g_prev, g_bb, g_bb_prev]`` (self rows 0 without debias, C_xx / C_yy empty); outputs after ``value`` are
-    saved for the backward and carry no gradient.
+    with ``F = [f, f_prev, f_aa, f_aa_prev]``, ``G = [g, g_prev, g_bb, g_bb_prev]`` (self rows 0
+    without debias, C_xx / C_yy empty); outputs after ``value`` are saved for the backward and carry
+    no gradient.
     """
     B, n, _ = x.shape
     m = y.shape[1]
