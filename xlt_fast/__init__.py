@@ -7,6 +7,8 @@ from xlt_fast.ops.contrastive import info_nce, negative_contrastive, negative_le
 from xlt_fast.ops.coupling import coupling
 from xlt_fast.ops.critic import critic_gp
 from xlt_fast.ops.pairwise import pairwise_distance
+from xlt_fast.ops.sinkhorn import (SinkhornResult, average_plans, hard_coupling, sinkhorn,
+                                   sinkhorn_divergence)
 
 __version__ = "0.1.0"
 
@@ -16,6 +18,11 @@ __all__ = [
     "supcon",
     "negative_contrastive",
     "negative_learning",
+    "sinkhorn",
+    "sinkhorn_divergence",
+    "SinkhornResult",
+    "hard_coupling",
+    "average_plans",
     "coupling",
     "critic_gp",
     "nn",

@@ -1,0 +1,358 @@
+// Batched log-domain Sinkhorn loop on the CPU: one task per problem (at::parallel_for over the
+// batch), the problem's cost block and potentials copied into a thread-local buffer that stays in
+// cache through all iterations.
+//
+// Symmetric updates with the softmin  softmin_eps(C, h)_i = -eps log sum_j exp(h_j - C_ij / eps):
+//   ft = softmin_eps(C, log b + g / eps),  gt = softmin_eps(C^T, log a + f / eps),
+//   f <- (f + ft) / 2,  g <- (g + gt) / 2
+// (Feydy's thesis Alg. 3.5, GeomLoss `sinkhorn_loop`), eps of step t: exp(log_eps0 + max(t-1, 0)
+// log_ratio) for the n_anneal annealing steps, then up to n_iters steps at eps (early exit once the
+// L1 marginal violation sum_i a_i |1 - exp((f_i - ft_i)/eps)| + sum_j b_j |...| < tol, tol > 0),
+// then one extrapolation from the previous potentials: f' = softmin(C, log b + g/eps), g' likewise.
+// `symmetric` (C = C^T, a = b: the debiasing problems OT(a, a)) keeps g = f and skips the column
+// pass. Padded points have log weight -inf; only the leading block up to the last real point is
+// touched. A problem without a real point on a side returns zeros and 0 iterations.
+#include "common.h"
+
+#include <cmath>
+#include <cstdint>
+#include <immintrin.h>
+#include <limits>
+#include <vector>
+
+namespace xlt_fast {
+namespace {
+
+// exp for x <= 0 with ~2 ulp error (Cephes expf range reduction + degree-6 polynomial), written
+// branch-free so that the compiler vectorises the loops around it. Below -87 it returns exactly 0
+// (never a subnormal: those would slow every later GEMM on the plans by orders of magnitude).
+__attribute__((always_inline)) inline float exp_nonpos(float x_in) {
+  const float x = std::fmax(x_in, -87.0f);
+  // round to nearest by the 1.5 * 2^23 trick (plain adds: vectorises without SSE4.1 floor)
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  const float keep = static_cast<float>(x_in >= -87.0f);  // 0 below -87: no select, no branch
+  return y * scale * keep;
+}
+
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+// The two hot row loops: tmp_j = h_j - c_j * inv with its maximum, and tmp_j <- exp(tmp_j - mx)
+// with its sum. float versions exist for AVX2+FMA (chosen at run time when the CPU has it; the exp
+// written with intrinsics, the same polynomial as exp_nonpos) and for the baseline ISA, so the
+// build needs no -march flag.
+#define XLT_SINKHORN_ROW_MAX(SUFFIX, ATTR)                                                      \
+  ATTR float row_max##SUFFIX(const float* h, const float* c, float inv, float* tmp, int64_t len) { \
+    float mx = -std::numeric_limits<float>::infinity();                                        \
+    _Pragma("omp simd reduction(max : mx)") for (int64_t j = 0; j < len; ++j) {                \
+      tmp[j] = h[j] - c[j] * inv;                                                              \
+      mx = tmp[j] > mx ? tmp[j] : mx;                                                          \
+    }                                                                                          \
+    return mx;                                                                                 \
+  }
+
+XLT_SINKHORN_ROW_MAX(_avx2, __attribute__((target("avx2,fma"))))
+XLT_SINKHORN_ROW_MAX(_base, )
+
+float row_expsum_base(float* tmp, float mx, int64_t len) {
+  float s = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    tmp[j] = exp_nonpos(tmp[j] - mx);
+    s += tmp[j];
+  }
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) float row_expsum_avx2(float* tmp, float mx, int64_t len) {
+  const __m256 vmx = _mm256_set1_ps(mx), lo = _mm256_set1_ps(-87.0f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), magic = _mm256_set1_ps(12582912.0f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(2.12194440e-4f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256 xin = _mm256_sub_ps(_mm256_loadu_ps(tmp + j), vmx);
+    const __m256 x = _mm256_max_ps(xin, lo);
+    const __m256 k = _mm256_sub_ps(_mm256_fmadd_ps(x, log2e, magic), magic);
+    __m256 r = _mm256_fnmadd_ps(k, ln2_hi, x);
+    r = _mm256_fmadd_ps(k, ln2_lo, r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(k), _mm256_set1_epi32(127)), 23);
+    __m256 v = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    v = _mm256_and_ps(v, _mm256_cmp_ps(xin, lo, _CMP_GE_OQ));  // exactly 0 below -87
+    _mm256_storeu_ps(tmp + j, v);
+    acc = _mm256_add_ps(acc, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float s = 0;
+  for (int i = 0; i < 8; ++i) s += lanes[i];
+  for (; j < len; ++j) {
+    tmp[j] = exp_nonpos(tmp[j] - mx);
+    s += tmp[j];
+  }
+  return s;
+}
+
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+inline float row_max(const float* h, const float* c, float inv, float* tmp, int64_t len) {
+  return has_avx2() ? row_max_avx2(h, c, inv, tmp, len) : row_max_base(h, c, inv, tmp, len);
+}
+
+inline float row_expsum(float* tmp, float mx, int64_t len) {
+  return has_avx2() ? row_expsum_avx2(tmp, mx, len) : row_expsum_base(tmp, mx, len);
+}
+
+inline double row_max(const double* h, const double* c, double inv, double* tmp, int64_t len) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < len; ++j) {
+    tmp[j] = h[j] - c[j] * inv;
+    mx = tmp[j] > mx ? tmp[j] : mx;
+  }
+  return mx;
+}
+
+inline double row_expsum(double* tmp, double mx, int64_t len) {
+  double s = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    tmp[j] = std::exp(tmp[j] - mx);
+    s += tmp[j];
+  }
+  return s;
+}
+
+// out_i = -eps log sum_j exp(h_j - C_ij / eps) over rows of the row-major (rows, cols) block C with
+// leading dimension ld; out_i = 0 when every h_j is -inf. tmp: scratch of size cols.
+template <typename T>
+void softmin(const T* C, int64_t ld, int64_t rows, int64_t cols, const T* h, T eps, T* out, T* tmp) {
+  const T inv = T(1) / eps;
+  for (int64_t i = 0; i < rows; ++i) {
+    const T mx = row_max(h, C + i * ld, inv, tmp, cols);
+    out[i] = mx > -std::numeric_limits<T>::infinity() ? -eps * (mx + std::log(row_expsum(tmp, mx, cols))) : T(0);
+  }
+}
+
+// sum_i w_i |1 - exp((p_i - pt_i) / eps)| over real points (w_i = exp(logw_i)).
+template <typename T>
+T marginal_error(const T* logw, const T* p, const T* pt, int64_t len, T eps) {
+  T err = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    if (!(logw[i] > -std::numeric_limits<T>::infinity())) continue;
+    err += std::exp(logw[i]) * std::abs(T(1) - std::exp((p[i] - pt[i]) / eps));
+  }
+  return err;
+}
+
+// One past the last real point (log weight > -inf).
+template <typename T>
+int64_t extent(const T* logw, int64_t len) {
+  int64_t e = len;
+  while (e > 0 && !(logw[e - 1] > -std::numeric_limits<T>::infinity())) --e;
+  return e;
+}
+
+template <typename T>
+void solve_problems(const T* Cg, const T* la, const T* lb, const double* log_eps0, const int32_t* n_anneal,
+                    double log_ratio, double eps_t, int64_t n_iters, double tol, bool symmetric, int64_t B,
+                    int64_t n, int64_t m, T* fp_out, T* gp_out, T* f_out, T* g_out, int32_t* it_out) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf;
+    for (int64_t b = begin; b < end; ++b) {
+      const T* loga = la + b * n;
+      const T* logb = lb + b * m;
+      T* fp = fp_out + b * n;
+      T* gp = gp_out + b * m;
+      T* fo = f_out + b * n;
+      T* go = g_out + b * m;
+      std::fill(fp, fp + n, T(0));
+      std::fill(gp, gp + m, T(0));
+      std::fill(fo, fo + n, T(0));
+      std::fill(go, go + m, T(0));
+      it_out[b] = 0;
+      const int64_t ne = extent(loga, n), me = extent(logb, m);
+      if (ne == 0 || me == 0) continue;
+      // cache-resident copies: C (ne, me) and, for the column pass, C^T (me, ne)
+      buf.assign(static_cast<size_t>(ne * me * (symmetric ? 1 : 2) + 6 * std::max(ne, me)), T(0));
+      T* C = buf.data();
+      T* CT = C + ne * me;
+      const T* src = Cg + b * n * m;
+      for (int64_t i = 0; i < ne; ++i)
+        for (int64_t j = 0; j < me; ++j) C[i * me + j] = src[i * m + j];
+      if (!symmetric)
+        for (int64_t j = 0; j < me; ++j)
+          for (int64_t i = 0; i < ne; ++i) CT[j * ne + i] = src[i * m + j];
+      const int64_t L = std::max(ne, me);
+      T* f = buf.data() + ne * me * (symmetric ? 1 : 2);
+      T* g = f + L;
+      T* ft = g + L;
+      T* gt = ft + L;
+      T* h = gt + L;
+      T* tmp = h + L;
+      const T* Ccol = symmetric ? C : CT;
+
+      T e = static_cast<T>(std::exp(log_eps0[b]));
+      softmin(C, me, ne, me, logb, e, f, tmp);
+      if (symmetric) std::copy(f, f + ne, g);
+      else softmin(Ccol, ne, me, ne, loga, e, g, tmp);
+
+      const int64_t na = n_anneal[b];
+      const int64_t total = na + n_iters;
+      int32_t iters = 0;
+      for (int64_t t = 0; t < total; ++t) {
+        e = t < na ? static_cast<T>(std::exp(log_eps0[b] + static_cast<double>(std::max<int64_t>(t - 1, 0)) * log_ratio))
+                   : static_cast<T>(eps_t);
+        const T inv = T(1) / e;
+        for (int64_t j = 0; j < me; ++j) h[j] = logb[j] + g[j] * inv;
+        softmin(C, me, ne, me, h, e, ft, tmp);
+        if (!symmetric) {
+          for (int64_t i = 0; i < ne; ++i) h[i] = loga[i] + f[i] * inv;
+          softmin(Ccol, ne, me, ne, h, e, gt, tmp);
+        }
+        if (tol > 0 && t >= na) {
+          T err = marginal_error(loga, f, ft, ne, e);
+          err += symmetric ? err : marginal_error(logb, g, gt, me, e);
+          if (err < static_cast<T>(tol)) break;
+        }
+        for (int64_t i = 0; i < ne; ++i) f[i] = T(0.5) * (f[i] + ft[i]);
+        if (symmetric) std::copy(f, f + ne, g);
+        else
+          for (int64_t j = 0; j < me; ++j) g[j] = T(0.5) * (g[j] + gt[j]);
+        ++iters;
+      }
+      // last extrapolation at the target eps, from the previous potentials
+      e = static_cast<T>(eps_t);
+      const T inv = T(1) / e;
+      for (int64_t j = 0; j < me; ++j) h[j] = logb[j] + g[j] * inv;
+      softmin(C, me, ne, me, h, e, fo, tmp);
+      if (symmetric) {
+        std::copy(fo, fo + ne, go);
+      } else {
+        for (int64_t i = 0; i < ne; ++i) h[i] = loga[i] + f[i] * inv;
+        softmin(Ccol, ne, me, ne, h, e, go, tmp);
+      }
+      std::copy(f, f + ne, fp);
+      std::copy(g, g + me, gp);
+      it_out[b] = iters;
+    }
+  });
+}
+
+std::vector<at::Tensor> sinkhorn_solve_cpu(const at::Tensor& C_in, const at::Tensor& loga_in,
+                                           const at::Tensor& logb_in, const at::Tensor& log_eps0_in,
+                                           const at::Tensor& n_anneal_in, double log_ratio, double eps,
+                                           int64_t n_iters, double tol, bool symmetric) {
+  check_cpu_float(C_in, "C");
+  check_dim(C_in, 3, "C");
+  check_dim(loga_in, 2, "loga");
+  check_dim(logb_in, 2, "logb");
+  const int64_t B = C_in.size(0), n = C_in.size(1), m = C_in.size(2);
+  TORCH_CHECK(loga_in.size(0) == B && loga_in.size(1) == n, "loga must have shape (B, n)");
+  TORCH_CHECK(logb_in.size(0) == B && logb_in.size(1) == m, "logb must have shape (B, m)");
+  TORCH_CHECK(log_eps0_in.numel() == B && n_anneal_in.numel() == B, "log_eps0 and n_anneal must have B entries");
+  TORCH_CHECK(!symmetric || n == m, "a symmetric problem needs a square cost");
+  TORCH_CHECK(eps > 0 && n_iters >= 1, "eps must be > 0 and n_iters >= 1");
+  const at::Tensor C = C_in.contiguous();
+  const at::Tensor loga = loga_in.to(C.scalar_type()).contiguous();
+  const at::Tensor logb = logb_in.to(C.scalar_type()).contiguous();
+  const at::Tensor log_eps0 = log_eps0_in.to(at::kDouble).contiguous();
+  const at::Tensor n_anneal = n_anneal_in.to(at::kInt).contiguous();
+  at::Tensor fp = at::empty({B, n}, C.options()), gp = at::empty({B, m}, C.options());
+  at::Tensor f = at::empty({B, n}, C.options()), g = at::empty({B, m}, C.options());
+  at::Tensor iters = at::empty({B}, C.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "sinkhorn_solve_cpu", [&] {
+    solve_problems<scalar_t>(C.data_ptr<scalar_t>(), loga.data_ptr<scalar_t>(), logb.data_ptr<scalar_t>(),
+                             log_eps0.data_ptr<double>(), n_anneal.data_ptr<int32_t>(), log_ratio, eps, n_iters,
+                             tol, symmetric, B, n, m, fp.data_ptr<scalar_t>(), gp.data_ptr<scalar_t>(),
+                             f.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), iters.data_ptr<int32_t>());
+  });
+  return {fp, gp, f, g, iters};
+}
+
+// W_ij = w_i softmax_j(h_j - C_ij / eps) (cols = false, W (B, n, m)), or, over C's columns,
+// W_ji = w_j softmax_i(h_i - C_ij / eps) (cols = true, W (B, m, n)): the one-sided plans of the
+// envelope-theorem gradient. A row whose h is all -inf (no mass) gives 0.
+template <typename T>
+void plans(const T* Cg, const T* hg, const T* wg, T eps, bool cols, int64_t B, int64_t n, int64_t m, T* out) {
+  const int64_t rows = cols ? m : n, len = cols ? n : m;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(static_cast<size_t>(len * (cols ? rows + 1 : 1)));
+    const T inv = T(1) / eps;
+    for (int64_t b = begin; b < end; ++b) {
+      const T* src = Cg + b * n * m;
+      const T* C = src;
+      T* tmp = buf.data();
+      if (cols) {
+        T* CT = buf.data() + len;
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < m; ++j) CT[j * n + i] = src[i * m + j];
+        C = CT;
+      }
+      const T* h = hg + b * len;
+      const T* w = wg + b * rows;
+      for (int64_t r = 0; r < rows; ++r) {
+        T* o = out + (b * rows + r) * len;
+        const T mx = row_max(h, C + r * len, inv, tmp, len);
+        if (!(mx > -std::numeric_limits<T>::infinity()) || w[r] == T(0)) {
+          std::fill(o, o + len, T(0));
+          continue;
+        }
+        const T scale = w[r] / row_expsum(tmp, mx, len);
+        for (int64_t j = 0; j < len; ++j) o[j] = tmp[j] * scale;
+      }
+    }
+  });
+}
+
+at::Tensor sinkhorn_plan_cpu(const at::Tensor& C_in, const at::Tensor& h_in, const at::Tensor& w_in, double eps,
+                             bool cols) {
+  check_cpu_float(C_in, "C");
+  check_dim(C_in, 3, "C");
+  const int64_t B = C_in.size(0), n = C_in.size(1), m = C_in.size(2);
+  const int64_t rows = cols ? m : n, len = cols ? n : m;
+  TORCH_CHECK(h_in.dim() == 2 && h_in.size(0) == B && h_in.size(1) == len, "h must have shape (B, ", len, ")");
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) == B && w_in.size(1) == rows, "w must have shape (B, ", rows, ")");
+  TORCH_CHECK(eps > 0, "eps must be > 0");
+  const at::Tensor C = C_in.contiguous();
+  const at::Tensor h = h_in.to(C.scalar_type()).contiguous();
+  const at::Tensor w = w_in.to(C.scalar_type()).contiguous();
+  at::Tensor out = at::empty({B, rows, len}, C.options());
+  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "sinkhorn_plan_cpu", [&] {
+    plans<scalar_t>(C.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                    static_cast<scalar_t>(eps), cols, B, n, m, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(xlt_fast_C, m) {
+  m.def("sinkhorn_solve(Tensor C, Tensor loga, Tensor logb, Tensor log_eps0, Tensor n_anneal, float log_ratio, "
+        "float eps, int n_iters, float tol, bool symmetric) -> Tensor[]");
+  m.def("sinkhorn_plan(Tensor C, Tensor h, Tensor w, float eps, bool cols) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(xlt_fast_C, CPU, m) {
+  m.impl("sinkhorn_solve", &sinkhorn_solve_cpu);
+  m.impl("sinkhorn_plan", &sinkhorn_plan_cpu);
+}
+
+}  // namespace xlt_fast
