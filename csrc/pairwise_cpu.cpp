@@ -22,7 +22,7 @@ void expand_and_refine(const scalar_t* x, const scalar_t* y, const scalar_t* nx,
       for (int64_t j = 0; j < m; ++j) {
         const scalar_t scale = nx[r] + nyb[j];
         scalar_t v = scale - 2 * row[j];
-        if (v <= static_cast<scalar_t>(tol) * scale) {
+        if (scale > 0 && v <= static_cast<scalar_t>(tol) * scale) {  // zero rows: exact 0 already
           const scalar_t* yj = yb + j * d;
           scalar_t acc = 0;
           for (int64_t k = 0; k < d; ++k) {

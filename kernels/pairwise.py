@@ -39,7 +39,7 @@ def _sqdist_kernel(x_ptr, y_ptr, out_ptr, n, m, d,
     else:
         scale = nx[:, None] + ny[None, :]
         res = scale - 2.0 * acc
-        refine = res <= refine_tol * scale
+        refine = (res <= refine_tol * scale) & (scale > 0)  # pairs of zero rows are exactly 0 already
         if tl.max(refine.to(tl.int32)) > 0:
             exact = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, d, BLOCK_R):

@@ -124,7 +124,7 @@ sqdist_kernel(const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ 
     for (int j = 0; j < kSub; ++j) {
       const T scale = norm_x[ty + kGrid * i] + norm_y[tx + kGrid * j];
       const T dist = scale - T(2) * acc[i][j];
-      if (dist <= tol * scale) refine |= 1u << (i * kSub + j);
+      if (scale > 0 && dist <= tol * scale) refine |= 1u << (i * kSub + j);  // zero rows: exact 0 already
       acc[i][j] = dist > T(0) ? dist : T(0);
     }
   store_entries(out, acc, ~0u, n, m, row0, col0, tx, ty);

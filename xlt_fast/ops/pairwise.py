@@ -127,7 +127,8 @@ def _pairwise_kernel(X: Tensor, Y: Tensor, metric: str, xm: Optional[Tensor], ym
         core = sqdist(X, Y, True, kind)
     else:
         c = masked_center(X, Y, xm, ym)
-        core = sqdist(X - c, Y - c, False, kind)
+        # padded rows back to exact zeros: their pairs then skip the kernels' refinement
+        core = sqdist(zero_padded(X - c, xm), zero_padded(Y - c, ym), False, kind)
     if metric == "euclidean":
         out = ref.safe_sqrt(core)
     elif metric == "cosine":

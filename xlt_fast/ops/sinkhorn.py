@@ -126,29 +126,19 @@ def _masks(xm: Optional[Tensor], ym: Optional[Tensor], B: int, n: int, m: int, d
 
 
 # ----------------------------------------------------------------------------- point-cloud op
-PAD = 1e-15  # scale of the padded rows in the centred coordinates (see _centred)
-
-
 def _centred(x: Tensor, y: Tensor, xm: Tensor, ym: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """x and y minus the mean of their real points together (distances unchanged; the norms that the
     GEMM expansion cancels against shrink: no fp32 blow-up), and the per-problem diameter of the
     real points' bounding box (GeomLoss's ``max_diameter``).
 
-    Padded rows become +PAD e_k (x) / -PAD e_k (y), distinct tiny vectors, instead of zeros: the
-    pairwise kernel recomputes near-identical rows exactly over all d, which for zero padding would
-    redo every padded pair; their costs never matter (zero mass). The centroid 0 lies inside the
-    bounding box, so these rows widen it by at most PAD."""
+    Padded rows become zeros: pairs of zero rows are exactly 0, which the pairwise kernels skip
+    when they refine near-zero entries; their costs never matter (zero mass). The centroid 0 lies
+    inside the bounding box, so the zero rows do not widen it."""
     xf, yf = xm.to(x.dtype).unsqueeze(1), ym.to(y.dtype).unsqueeze(1)
     cnt = (xf.sum(2) + yf.sum(2)).clamp_min(1).unsqueeze(-1)
     c = (xf @ x + yf @ y) / cnt
-    d = x.shape[-1]
-
-    def pad_rows(k: int, value: float) -> Tensor:
-        idx = (torch.arange(k, device=x.device) % d).unsqueeze(1)
-        return torch.zeros(k, d, dtype=x.dtype, device=x.device).scatter_(1, idx, value)
-
-    xc = torch.where(xm.unsqueeze(-1), x - c, pad_rows(x.shape[1], PAD))
-    yc = torch.where(ym.unsqueeze(-1), y - c, pad_rows(y.shape[1], -PAD))
+    xc = torch.where(xm.unsqueeze(-1), x - c, 0)
+    yc = torch.where(ym.unsqueeze(-1), y - c, 0)
     (xlo, xhi), (ylo, yhi) = torch.aminmax(xc, dim=1), torch.aminmax(yc, dim=1)
     diam = torch.linalg.vector_norm(torch.maximum(xhi, yhi) - torch.minimum(xlo, ylo), dim=-1)
     return xc, yc, diam
