@@ -111,7 +111,8 @@ def test_plan_marginals_at_convergence(backend):
 def _run(fn, x, y, **kw):
     xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
     v = fn(xr, yr, **kw)
-    gx, gy = torch.autograd.grad((v * torch.linspace(1, 2, v.shape[0], dtype=v.dtype)).sum(), (xr, yr))
+    weights = torch.linspace(1, 2, v.shape[0], dtype=v.dtype, device=v.device)
+    gx, gy = torch.autograd.grad((v * weights).sum(), (xr, yr))
     return v, gx, gy
 
 
