@@ -12,6 +12,7 @@
 // `symmetric` (C = C^T, a = b: the debiasing problems OT(a, a)) keeps g = f and skips the column
 // pass. Padded points have log weight -inf; only the leading block up to the last real point is
 // touched. A problem without a real point on a side returns zeros and 0 iterations.
+#include "fast_exp.h"  // first: its pragma applies to the whole file
 #include "common.h"
 
 #include <cmath>
@@ -23,32 +24,9 @@
 namespace xlt_fast {
 namespace {
 
-// exp for x <= 0 with ~2 ulp error (Cephes expf range reduction + degree-6 polynomial), written
-// branch-free so that the compiler vectorises the loops around it. Below -87 it returns exactly 0
-// (never a subnormal: those would slow every later GEMM on the plans by orders of magnitude).
-__attribute__((always_inline)) inline float exp_nonpos(float x_in) {
-  const float x = std::fmax(x_in, -87.0f);
-  // round to nearest by the 1.5 * 2^23 trick (plain adds: vectorises without SSE4.1 floor)
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - k * 0.693359375f;
-  r = r + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
-  const float keep = static_cast<float>(x_in >= -87.0f);  // 0 below -87: no select, no branch
-  return y * scale * keep;
-}
-
-inline double exp_nonpos(double x) { return std::exp(x); }
-
 // The two hot row loops: tmp_j = h_j - c_j * inv with its maximum, and tmp_j <- exp(tmp_j - mx)
 // with its sum. float versions exist for AVX2+FMA (chosen at run time when the CPU has it; the exp
-// written with intrinsics, the same polynomial as exp_nonpos) and for the baseline ISA, so the
+// written with intrinsics, the same polynomial as exp_f32 in fast_exp.h) and for the baseline ISA, so the
 // build needs no -march flag.
 #define XLT_SINKHORN_ROW_MAX(SUFFIX, ATTR)                                                      \
   ATTR float row_max##SUFFIX(const float* h, const float* c, float inv, float* tmp, int64_t len) { \
@@ -66,7 +44,7 @@ XLT_SINKHORN_ROW_MAX(_base, )
 float row_expsum_base(float* tmp, float mx, int64_t len) {
   float s = 0;
   for (int64_t j = 0; j < len; ++j) {
-    tmp[j] = exp_nonpos(tmp[j] - mx);
+    tmp[j] = exp_any(tmp[j] - mx);
     s += tmp[j];
   }
   return s;
@@ -103,7 +81,7 @@ __attribute__((target("avx2,fma"))) float row_expsum_avx2(float* tmp, float mx, 
   float s = 0;
   for (int i = 0; i < 8; ++i) s += lanes[i];
   for (; j < len; ++j) {
-    tmp[j] = exp_nonpos(tmp[j] - mx);
+    tmp[j] = exp_any(tmp[j] - mx);
     s += tmp[j];
   }
   return s;
