@@ -123,7 +123,7 @@ def test_negative_learning_confident_row_is_finite(backend, device):
 
 def test_reference_matches_pytorch_metric_learning():
     """Where the definitions coincide (cosine similarity): SupConLoss and NTXentLoss with ref_emb."""
-    pml = pytest.importorskip("pytorch_metric_learning.losses", reason="peer library for the comparison")
+    from pytorch_metric_learning import losses as pml  # a requirement: missing fails, never skips
     f = _feats(64, 32).double()
     labels = torch.randint(0, 6, (64,), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(R.supcon(f, labels, 0.1), pml.SupConLoss(temperature=0.1)(f, labels), rtol=1e-10, atol=1e-10)

@@ -179,7 +179,6 @@ def _nflows_flow(flow: RealNVP):
     """An nflows flow equivalent to ``flow``: same masks, conditioner weights copied in. nflows'
     default scale map sigmoid(u + 2) + 1e-3 is none of ours, so its scale hook is overridden with
     exp(g(u)) for our map g; nflows then takes log(scale) = g(u), our s, for the log-det."""
-    pytest.importorskip("nflows")
     from nflows.distributions import StandardNormal
     from nflows.flows import Flow
     from nflows.transforms import CompositeTransform

@@ -260,7 +260,6 @@ def test_jsonl_and_tsv_loaders(tmp_path):
 def offline_datasets(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    pytest.importorskip("datasets")
     return {"path": "json", "cache_dir": str(tmp_path / "hf_cache")}
 
 

@@ -43,7 +43,7 @@ def clouds(B, n, m, d, scale=1.0, offset=0.0, dtype=torch.float64, seed=0, masks
 # ----------------------------------------------------------------------------- reference vs peers
 @pytest.mark.parametrize("debias", [True, False])
 def test_reference_matches_geomloss_per_problem(debias):
-    geomloss = pytest.importorskip("geomloss")
+    import geomloss
     x, y, _, _ = clouds(3, 11, 7, 16, scale=1.0, offset=2.0)
     g = torch.Generator().manual_seed(1)
     a = torch.rand(3, 11, generator=g, dtype=torch.float64) + 0.1
@@ -64,7 +64,7 @@ def test_reference_matches_geomloss_per_problem(debias):
 
 def test_reference_matches_geomloss_large_norms_float32():
     """BERT-like norms (|x| ~ 20, squared distances ~ 100) at eps = blur^2 = 0.0025, float32."""
-    geomloss = pytest.importorskip("geomloss")
+    import geomloss
     x, y, _, _ = clouds(1, 20, 15, 64, scale=1.0, offset=2.5, dtype=torch.float32, seed=3)
     loss = geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.5, backend="tensorized")
     want = loss(x[0].double(), y[0].double())
@@ -76,7 +76,7 @@ def test_reference_matches_geomloss_large_norms_float32():
 
 @pytest.mark.parametrize("precomputed", [False, True])
 def test_reference_matches_pot_fixed_eps(precomputed):
-    ot = pytest.importorskip("ot")
+    import ot
     x, y, _, _ = clouds(2, 9, 6, 5, scale=0.7)
     eps, iters = 0.5, 1000
     for k in range(2):
@@ -286,7 +286,6 @@ def test_bad_inputs(call, match):
 def test_triton_solver_paths_match_reference(path, symmetric):
     """Both Triton code paths (on-chip tile; streamed tiles, forced here with 16-wide blocks) with
     early exit, against the reference loop."""
-    pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from xlt_fast.kernels import sinkhorn as K
 
