@@ -44,16 +44,9 @@ void check_launch(cudaError_t err, const char* op, const at::Tensor& x) {
               cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor> coupling_forward_cuda(const at::Tensor& x_in, const at::Tensor& s_in,
-                                                         const at::Tensor& t_in, const at::Tensor& mask,
-                                                         int64_t scale, double clamp, bool inverse) {
-  const char* op = "coupling_forward";
-  check_inputs(op, x_in, s_in, t_in, mask, scale);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = rows(x_in), sr = rows(s_in), t = rows(t_in);
-  const at::Tensor m = mask.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor logdet = at::empty({x.size(0)}, x.options());
+// The fields both directions share: sizes, the scale map and the inputs' pointers and row strides.
+cuda::CouplingArgs input_args(const at::Tensor& x, const at::Tensor& sr, const at::Tensor& t, const at::Tensor& m,
+                              int64_t scale, double clamp, bool inverse) {
   cuda::CouplingArgs a;
   a.double_precision = x.scalar_type() == at::kDouble;
   a.n = x.size(0);
@@ -69,6 +62,20 @@ std::tuple<at::Tensor, at::Tensor> coupling_forward_cuda(const at::Tensor& x_in,
   a.ss = sr.stride(0);
   a.t = t.data_ptr();
   a.st = t.stride(0);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> coupling_forward_cuda(const at::Tensor& x_in, const at::Tensor& s_in,
+                                                         const at::Tensor& t_in, const at::Tensor& mask,
+                                                         int64_t scale, double clamp, bool inverse) {
+  const char* op = "coupling_forward";
+  check_inputs(op, x_in, s_in, t_in, mask, scale);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = rows(x_in), sr = rows(s_in), t = rows(t_in);
+  const at::Tensor m = mask.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor logdet = at::empty({x.size(0)}, x.options());
+  cuda::CouplingArgs a = input_args(x, sr, t, m, scale, clamp, inverse);
   a.y = y.data_ptr();
   a.sy = y.stride(0);
   a.logdet = logdet.data_ptr();
@@ -93,21 +100,7 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cuda(
   const at::Tensor m = mask.contiguous();
   at::Tensor gx = at::empty(x.sizes(), x.options());
   at::Tensor gst = at::empty({x.size(0), 2 * sr.size(1)}, x.options());  // [dL/ds_raw | dL/dt]
-  cuda::CouplingArgs a;
-  a.double_precision = x.scalar_type() == at::kDouble;
-  a.n = x.size(0);
-  a.d = x.size(1);
-  a.scale = static_cast<int>(scale);
-  a.clamp = clamp;
-  a.inverse = inverse;
-  a.dm = sr.size(1);
-  a.mask = m.data_ptr<bool>();
-  a.x = x.data_ptr();
-  a.sx = x.stride(0);
-  a.s_raw = sr.data_ptr();
-  a.ss = sr.stride(0);
-  a.t = t.data_ptr();
-  a.st = t.stride(0);
+  cuda::CouplingArgs a = input_args(x, sr, t, m, scale, clamp, inverse);
   a.grad_y = g.data_ptr();
   a.sgy = g.stride(0);
   a.grad_logdet = gl.data_ptr();
