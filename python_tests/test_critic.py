@@ -53,7 +53,7 @@ def _run(critic, data, backend, coefs=(0.7, 1.3), **kw):
     return [est.detach(), pen.detach()] + list(grads)
 
 
-def _reference(critic, data, coefs=(0.7, 1.3), detach_penalty_features=True):
+def _reference(critic, data, coefs=(0.7, 1.3), detach_penalty_features=True, normalize="sum_w"):
     c64 = WassersteinCritic(critic.in_features, critic.hidden, critic.num_classes, dtype=torch.float64)
     c64.load_state_dict({key: v.detach().double().cpu() for key, v in critic.state_dict().items()})
     d64 = {key: None if v is None else v.detach().double().cpu() for key, v in data.items()}
@@ -61,7 +61,7 @@ def _reference(critic, data, coefs=(0.7, 1.3), detach_penalty_features=True):
         if d64[key] is not None:
             d64[key].requires_grad_(True)
     est, pen = ref.critic_gp(*c64.critic_params, d64["z_src"], d64["z_tgt"], d64["p_src"], d64["p_tgt"],
-                             d64["src_weight"], d64["alpha"], detach_penalty_features)
+                             d64["src_weight"], d64["alpha"], detach_penalty_features, normalize)
     loss = sum(c * v for c, v in zip(coefs, (est, pen)) if c)
     grads = torch.autograd.grad(loss, _leaves(c64, d64), materialize_grads=True)
     return [est.detach(), pen.detach()] + list(grads)
@@ -83,6 +83,45 @@ def _assert_close(out, expected, tol):
 def test_matches_double_backward(backend, device, dtype, k, weighted, n, m):
     critic, data = _problem(n, m, 6, 48, k, weighted, dtype, device)
     _assert_close(_run(critic, data, backend), _reference(critic, data), TOL[dtype])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [None, 3])
+def test_normalize_by_n(backend, device, dtype, k):
+    """normalize="n" (the IWDA authors' (1/n) sum_i w_i f(xs_i)): every backend against the reference,
+    gradients w.r.t. the weights included."""
+    critic, data = _problem(7, 5, 6, 48, k, True, dtype, device)
+    _assert_close(_run(critic, data, backend, normalize="n"), _reference(critic, data, normalize="n"), TOL[dtype])
+
+
+def test_normalize_reference_formulas():
+    """The reference's two normalisations against the critic values written out by hand."""
+    critic, data = _problem(6, 4, 5, 16, 3, True, torch.float64, "cpu")
+    zs, zt, ps, pt, w = (data[k].detach() if data[k] is not None else None
+                         for k in ("z_src", "z_tgt", "p_src", "p_tgt", "src_weight"))
+    fs, ft = critic(zs, ps), critic(zt, pt)
+    for normalize, z in (("sum_w", w.sum()), ("n", 6.0)):
+        est, _ = ref.critic_gp(*critic.critic_params, zs, zt, ps, pt, w, data["alpha"], normalize=normalize)
+        torch.testing.assert_close(est, (w * fs).sum() / z - ft.mean(), rtol=1e-12, atol=1e-12)
+    est_n, _ = ref.critic_gp(*critic.critic_params, zs, zt, ps, pt, 2 * w, data["alpha"], normalize="n")
+    est_s, _ = ref.critic_gp(*critic.critic_params, zs, zt, ps, pt, 2 * w, data["alpha"])
+    assert not torch.allclose(est_n, est_s)  # "n" sees the scale of w, "sum_w" does not
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_normalize_by_n_allows_zero_weights(backend, device):
+    """With Z = n, all-zero weights are well defined (the source term vanishes); "sum_w" refuses them."""
+    critic, data = _problem(5, 4, 3, 8, 2, True, torch.float64, device)
+    data["src_weight"] = torch.zeros(5, dtype=torch.float64, device=device)
+    est, _ = critic.critic_gp(data["z_src"], data["z_tgt"], data["p_src"], data["p_tgt"], data["src_weight"],
+                              alpha=data["alpha"], normalize="n", backend=backend)
+    torch.testing.assert_close(est, -critic(data["z_tgt"].detach(), data["p_tgt"]).mean().detach())
+    with pytest.raises(ValueError, match="not all zero"):
+        critic.critic_gp(data["z_src"], data["z_tgt"], data["p_src"], data["p_tgt"], data["src_weight"],
+                         alpha=data["alpha"], backend=backend)
+    with pytest.raises(ValueError, match="normalize"):
+        critic.critic_gp(data["z_src"], data["z_tgt"], data["p_src"], data["p_tgt"], normalize="mean")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -6,7 +6,7 @@ conditioning the input is ``x = p ⊗ z`` (``x[c*d + a] = p_c z_a``), never mate
 as ``(H*k, d)``, ``y = z W1v^T`` is one GEMM and ``h_j = b1_j + sum_c p_c y[j*k + c]``.
 
 Forward (N = n + m rows, K = min(n, m) interpolated rows, ``m_i = 1[h~_i > 0]``):
-  * ``estimate = sum_r coef_r f(x_r)``, ``coef = (w / sum w, -1/m)``;
+  * ``estimate = sum_r coef_r f(x_r)``, ``coef = (w / Z, -1/m)`` with ``Z = sum w`` or ``n``;
   * ``h~_i = a_i h_s,i + (1 - a_i) h_t,i`` needs no GEMM: W1 x is linear in z, so
     ``y(z~) = a y_s + (1 - a) y_t`` and, with CDAN, ``h~ = b1 + sum_c p~_c y(z~)_c``;
   * ``g_i = ∇_x f(x~_i) = W1^T u_i`` with ``u_i = m_i ⊙ w2`` (one GEMM), ``penalty = mean_i |g_i|^2``.
@@ -26,7 +26,7 @@ fused kernels of ``csrc/critic_cpu.cpp`` and ``csrc/cuda/critic.cu``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -42,6 +42,8 @@ T_BLOCK = 2 ** 22  # entries of T = M~^T G formed at once in the backward (16 Mi
 def _blocks(start: int, stop: int, step: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, stop)) for a in range(start, stop, step)]
 CriticParams = Union[Sequence[Tensor], torch.nn.Module]
+Normalize = Literal["sum_w", "n"]
+NORMALIZE = ("sum_w", "n")
 
 
 def _stage(backend: str):
@@ -227,7 +229,7 @@ def _check_distribution(p: Tensor, name: str, rows: int, k: int, checks: list) -
                         f"e.g. softmax(logits)"))
 
 
-def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, checks: list):
+def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, normalize, checks: list):
     w1, b1, w2, b2 = _params(critic_params)
     for name, z in (("z_src", z_src), ("z_tgt", z_tgt)):
         V.floating(z, name, OP)
@@ -254,8 +256,11 @@ def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, checks:
                              f"{tuple(src_weight.shape)}")
         V.same_dtype_device(OP, z_src=z_src, src_weight=src_weight)
         sw = src_weight.detach()
-        checks.append((~torch.isfinite(sw).all() | (sw < 0).any() | ~(sw.sum() > 0),
-                       "src_weight must be finite, >= 0 and not all zero"))
+        if normalize == "sum_w":
+            checks.append((~torch.isfinite(sw).all() | (sw < 0).any() | ~(sw.sum() > 0),
+                           "src_weight must be finite, >= 0 and not all zero (normalize='sum_w' divides by their sum)"))
+        else:
+            checks.append((~torch.isfinite(sw).all() | (sw < 0).any(), "src_weight must be finite and >= 0"))
     return (w1, b1, w2, b2), n, m
 
 
@@ -280,10 +285,10 @@ def _alpha(alpha: Optional[Tensor], generator: Optional[torch.Generator], K: int
 def critic_gp(critic_params: CriticParams, z_src: Tensor, z_tgt: Tensor, p_src: Optional[Tensor] = None,
               p_tgt: Optional[Tensor] = None, src_weight: Optional[Tensor] = None,
               generator: Optional[torch.Generator] = None, *, alpha: Optional[Tensor] = None,
-              backend: _backend.Backend = "auto") -> tuple[Tensor, Tensor]:
+              normalize: Normalize = "sum_w", backend: _backend.Backend = "auto") -> tuple[Tensor, Tensor]:
     """Importance-weighted Wasserstein-1 estimate and zero-centred gradient penalty (seed 000, App. C.1).
 
-    ``w1_estimate = sum_i w_i f(xs_i) / sum_i w_i - mean_j f(xt_j)`` and
+    ``w1_estimate = sum_i w_i f(xs_i) / Z - mean_j f(xt_j)`` with ``Z = sum_i w_i`` or ``Z = n``, and
     ``penalty = mean_{i < K} |∇_x f(x~_i)|^2``, ``K = min(n, m)``, ``z~_i = a_i zs_i + (1 - a_i) zt_i``
     (with CDAN ``p~_i`` likewise and ``x~_i = p~_i ⊗ z~_i``: the gradient is w.r.t. the whole
     conditioned input). The IWDA critic maximises ``estimate - mu * penalty``.
@@ -298,6 +303,10 @@ def critic_gp(critic_params: CriticParams, z_src: Tensor, z_tgt: Tensor, p_src: 
         generator: draws ``a_i ~ U(0, 1)`` (one per row, on the features' device); the result is
             deterministic given its state. Not traceable by torch.compile: pass ``alpha`` there.
         alpha: ``(K,)`` interpolation weights in [0, 1] instead of drawing them.
+        normalize: how the weighted source term is normalised: ``"sum_w"`` (``Z = sum_i w_i``, a
+            weighted mean: the scale of w does not matter) or ``"n"`` (``Z = n``: the per-sample form
+            ``(1/n) sum_i w_i f(xs_i)`` of the IWDA authors' code, an unbiased estimate of
+            ``E_{p_S^w}[f]`` when ``E_{p_S}[w] = 1``). Without weights both are the mean.
         backend: ``"auto" | "reference" | "cpu" | "cuda"``.
 
     Gradients: the estimate's w.r.t. parameters, features and weights; the penalty's w.r.t. the
@@ -306,15 +315,17 @@ def critic_gp(critic_params: CriticParams, z_src: Tensor, z_tgt: Tensor, p_src: 
     propagating through them give the same result. Kernels compute in the input dtype
     (float16/bfloat16 in float32); the CPU kernel accumulates sums in float64.
     """
+    if normalize not in NORMALIZE:
+        raise ValueError(f"{OP}: normalize must be one of {NORMALIZE}, got {normalize!r}")
     checks: list[tuple[Tensor, str]] = []
-    (w1, b1, w2, b2), n, m = _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, checks)
+    (w1, b1, w2, b2), n, m = _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, normalize, checks)
     a = _alpha(alpha, generator, min(n, m), z_src, checks)
     _value_checks(checks)
     kind = _backend.resolve(backend, z_src.device, OP, gpu_default="cuda", available=("reference", "cpu", "cuda"))
     if p_src is not None:
         p_src, p_tgt = p_src.detach(), p_tgt.detach()
     if kind == "reference":
-        return ref.critic_gp(w1, b1, w2, b2, z_src, z_tgt, p_src, p_tgt, src_weight, a)
+        return ref.critic_gp(w1, b1, w2, b2, z_src, z_tgt, p_src, p_tgt, src_weight, a, normalize=normalize)
     dtype = z_src.dtype
     tensors = [w1, b1, w2, b2, z_src, z_tgt, p_src, p_tgt, src_weight, a]
     if dtype in (torch.float16, torch.bfloat16):
@@ -323,7 +334,7 @@ def critic_gp(critic_params: CriticParams, z_src: Tensor, z_tgt: Tensor, p_src: 
     if src_weight is None:
         coef_src = z_src.new_full((n,), 1.0 / n)
     else:
-        coef_src = src_weight / src_weight.sum()
+        coef_src = src_weight / (src_weight.sum() if normalize == "sum_w" else n)
     coef = torch.cat([coef_src, z_tgt.new_full((m,), -1.0 / m)])
     estimate, penalty = _critic_gp(w1, b1, w2, b2, z_src, z_tgt, p_src, p_tgt, coef, a, kind)[:2]
     return estimate.to(dtype), penalty.to(dtype)

@@ -29,10 +29,11 @@ def critic(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, x: Tensor) -> Tensor:
 
 def critic_gp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, z_src: Tensor, z_tgt: Tensor,
               p_src: Optional[Tensor], p_tgt: Optional[Tensor], src_weight: Optional[Tensor], alpha: Tensor,
-              detach_penalty_features: bool = True) -> tuple[Tensor, Tensor]:
+              detach_penalty_features: bool = True, normalize: str = "sum_w") -> tuple[Tensor, Tensor]:
     """``(w1_estimate, penalty)`` of seed 000, App. C.1 (the alignment loss after Eq. 4):
 
-    ``w1_estimate = sum_i w_i f(xs_i) / sum_i w_i - mean_j f(xt_j)`` (``w = 1`` without weights),
+    ``w1_estimate = sum_i w_i f(xs_i) / Z - mean_j f(xt_j)`` (``w = 1`` without weights) with
+    ``Z = sum_i w_i`` (``normalize="sum_w"``) or ``Z = n`` (``normalize="n"``, the IWDA authors' code),
     ``penalty = mean_{i < min(n,m)} |∇_x f(x~_i)|^2`` with ``z~_i = a_i zs_i + (1 - a_i) zt_i``,
     ``p~_i = a_i ps_i + (1 - a_i) pt_i`` and ``x~_i = p~_i ⊗ z~_i`` (CDAN: z and p interpolated alike,
     gradient w.r.t. the whole conditioned input).
@@ -43,7 +44,10 @@ def critic_gp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, z_src: Tensor, z_t
     """
     fs = critic(w1, b1, w2, b2, conditioned_input(z_src, p_src))
     ft = critic(w1, b1, w2, b2, conditioned_input(z_tgt, p_tgt))
-    src_mean = fs.mean() if src_weight is None else (src_weight * fs).sum() / src_weight.sum()
+    if src_weight is None:
+        src_mean = fs.mean()
+    else:
+        src_mean = (src_weight * fs).sum() / (src_weight.sum() if normalize == "sum_w" else fs.shape[0])
     estimate = src_mean - ft.mean()
 
     k = alpha.shape[0]
