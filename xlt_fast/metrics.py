@@ -119,6 +119,17 @@ def total_variation(p: ArrayLike, q: ArrayLike) -> float:
     return float(0.5 * np.abs(p - q).sum())
 
 
+def prior_correction(target_prior: ArrayLike, source_prior: ArrayLike, estimated_prior: ArrayLike) -> float:
+    """Percent prior-shift correction of IWDA (seed 000, Sec. 4.2):
+    ``100 [TV(p_T, p_S) - TV(p_T, p^_T)] / TV(p_T, p_S)`` with ``p^_T = p_S * w`` the estimated
+    target prior; 100 is a perfect estimate, 0 no better than assuming no shift, below 0 worse.
+    NaN when there is no shift (``TV(p_T, p_S) = 0``)."""
+    shift = total_variation(target_prior, source_prior)
+    if shift == 0:
+        return float("nan")
+    return float(100 * (shift - total_variation(target_prior, estimated_prior)) / shift)
+
+
 def prior_shift(source_labels: ArrayLike, target_labels: ArrayLike, num_classes: int) -> float:
     """Total-variation distance between the class frequencies of two label arrays."""
     ps = np.bincount(_np(source_labels).astype(np.int64), minlength=num_classes)

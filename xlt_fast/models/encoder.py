@@ -15,6 +15,15 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Sentence vectors ``[B, H]``: the mean over real tokens (``"mean"``) or the first token (``"cls"``)."""
+    if pooling == "mean":
+        return mean_pool(hidden, attention_mask)
+    if pooling == "cls":
+        return hidden[:, 0]
+    raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+
+
 @dataclass
 class Encoder:
     """A transformer encoder, its tokenizer and helpers for sentence embeddings.

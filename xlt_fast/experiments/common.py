@@ -1,0 +1,169 @@
+"""What every experiment shares: claims and their verdicts, the statistics behind them, the grid
+of runs (each in its own directory; a complete one is skipped, an interrupted one resumed) and the
+claims files (``claims.json``, ``claims.md``)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import numpy as np
+
+from xlt_fast.training import atomic, checkpoint
+from xlt_fast.training.config import TrainerConfig, config_hash, replace
+from xlt_fast.training.run import Result, read_result
+
+Verdict = Literal["reproduced", "consistent", "not reproduced"]
+
+
+@dataclasses.dataclass
+class Claim:
+    """One checked claim: what the paper says, what we measured, the verdict by the stated rule."""
+
+    claim: str
+    paper: str
+    ours: str
+    verdict: Verdict
+    rule: str = ""
+
+
+@dataclasses.dataclass
+class Interval:
+    """Mean with a 95% t-interval over ``n`` values."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.4f} [95% CI {self.low:+.4f}, {self.high:+.4f}], n={self.n}"
+
+
+def mean_ci(values: Iterable[float]) -> Interval:
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if x.size == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    if x.size == 1:
+        return Interval(float(x[0]), -math.inf, math.inf, 1)
+    half = stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return Interval(float(x.mean()), float(x.mean() - half), float(x.mean() + half), int(x.size))
+
+
+def sign_verdict(ci: Interval, direction: int) -> Verdict:
+    """``direction`` +1: reproduced if the CI lies above 0, consistent if only the mean does; -1: below."""
+    if ci.n == 0 or math.isnan(ci.mean):
+        return "not reproduced"
+    if direction * ci.mean <= 0:
+        return "not reproduced"
+    bound = ci.low if direction > 0 else ci.high
+    return "reproduced" if direction * bound > 0 else "consistent"
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Spearman rank correlation and its two-sided p-value."""
+    from scipy import stats
+
+    res = stats.spearmanr(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
+def write_claims(out_dir: Path, method: str, claims: Sequence[Claim], extra: dict[str, Any]) -> str:
+    """``claims.json`` (the list of claims, plus ``extra`` in ``details.json``) and ``claims.md``
+    (a table: claim, paper, ours, verdict); returns the Markdown."""
+    atomic.write_json(out_dir / "claims.json", [dataclasses.asdict(c) for c in claims])
+    atomic.write_json(out_dir / "details.json", extra)
+    lines = [f"### {method}: claims", "", "| claim | paper | ours | verdict |", "|---|---|---|---|"]
+    lines += [f"| {c.claim} | {c.paper} | {c.ours} | **{c.verdict}** |" for c in claims]
+    text = "\n".join(lines) + "\n"
+    atomic.write_text(out_dir / "claims.md", text)
+    return text
+
+
+@dataclasses.dataclass
+class Cell:
+    """One run of a grid: a name (its directory under the grid's root) and its config."""
+
+    name: str
+    cfg: TrainerConfig
+
+
+def cell_dir(root: Path, name: str, cfg: TrainerConfig) -> Path:
+    """``root/name-<config hash>``: another config never reuses a directory."""
+    return root / f"{name}-{config_hash(cfg)[:8]}"
+
+
+def run_cells(trainer, cells: Sequence[Cell], root: Path, progress: bool, desc: str,
+              workers: int = 1) -> dict[str, Result]:
+    """Train every cell (skipping complete ones, resuming interrupted ones) and return the results.
+
+    ``workers > 1`` trains cells in that many processes (one thread each; spawned, so each has its
+    own torch), which uses two cores better than one process with two threads for small models.
+    """
+    jobs = []
+    for cell in cells:
+        out = cell_dir(root, cell.name, cell.cfg)
+        cfg = replace(cell.cfg, output_dir=str(out))
+        jobs.append((cell.name, cfg))
+    results: dict[str, Result] = {}
+    todo = []
+    for name, cfg in jobs:
+        done = read_result(cfg.output_dir)
+        if done is not None and done.config_hash == config_hash(cfg):
+            results[name] = done
+        else:
+            todo.append((name, cfg))
+    bar = _bar(len(jobs), desc, progress, initial=len(jobs) - len(todo))
+    if workers <= 1 or len(todo) <= 1:
+        for name, cfg in todo:
+            results[name] = _train_cell(trainer.__name__, cfg)
+            bar()
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+            futures = {pool.submit(_train_cell, trainer.__name__, cfg): name for name, cfg in todo}
+            for fut in cf.as_completed(futures):
+                results[futures[fut]] = fut.result()
+                bar()
+    bar(close=True)
+    return results
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _train_cell(module: str, cfg: TrainerConfig) -> Result:
+    import importlib
+
+    trainer = importlib.import_module(module)
+    resume = checkpoint.latest(Path(cfg.output_dir) / "checkpoints") is not None
+    return trainer.train(cfg, resume=resume)
+
+
+def _bar(total: int, desc: str, enabled: bool, initial: int = 0) -> Callable[..., None]:
+    if not enabled:
+        return lambda close=False: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc=desc, unit="run", dynamic_ncols=True)
+
+    def step(close: bool = False) -> None:
+        if close:
+            bar.close()
+        else:
+            bar.update(1)
+    return step
+
+
+def short_hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]

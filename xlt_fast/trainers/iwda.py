@@ -1,0 +1,557 @@
+"""IWDA: class-importance-weighted domain alignment for zero-shot cross-lingual transfer
+(Xian, Ji, Zhao, ICLR 2022; seed 000). Spec: ``shared/specs/iwda_conlst.md`` part A.
+
+Phases (each variant runs a subset):
+
+* ``zs`` (A.2 step 0): fine-tune g, h on labelled source data with cross-entropy.
+* ``iwda`` (A.2 steps 1-2): on entry, the QP estimate of the class weights from the zero-shot
+  model's hard predictions, ``w^(0) = (1 - rho) w' + rho 1`` (App. C.1). Then each step, on a source
+  batch and a target batch:
+  ``L_cls = CE(h(g(x_s)), y_s)`` (not weighted, Eq. 4);
+  ``Delta = (1/n) sum_i w~[y_i] f(g(x_i) (x) p_i) - (1/m) sum_j f(g(x'_j) (x) p'_j)`` (App. C.1, the
+  per-sample weighting of the authors' code; ``critic_normalize="sum_w"`` divides by ``sum w``
+  instead) and the zero-centred penalty ``GP = mean ||grad f(u~)||^2``, both from
+  :func:`xlt_fast.critic_gp` (closed-form penalty gradients: no double backward), with CDAN inputs
+  ``g(x) (x) softmax(h(g(x)))`` (softmax detached) never materialised;
+  the critic ascends ``s Delta - mu GP`` (``s = lambda_da``, the paper's formula; ``critic_scale="one"``:
+  ``s = 1``, the later code); g, h descend ``L_cls + lambda_t Delta`` through gradient reversal, with
+  ``lambda_t = lambda_da min(1, t / (0.1 T))``; ``w~ = a_t w + (1 - a_t)`` with the same ramp
+  (code only); ``w = w^(0) + delta`` descends ``|C w - t|^2`` (Eq. 4 right) on EMA statistics with
+  decoupled weight decay ``lambda_iw`` on delta (the xi regulariser, App. C.1) and a linearly
+  decaying lr (Sec. 3, fix 2), projected back to ``{w >= 0, p_S^T w = 1}`` after every step (fix 1).
+  Updates are simultaneous (one backward, A.2 step 2i); ``n_critic > 1`` alternates that many
+  critic steps with one feature step (App. A.2, Table 5).
+* ``st`` (A.4; Dong & de Melo 2019): self-training from the current model: each of
+  ``st_iterations`` rounds adds the most confident ``st_fraction`` of the target pool (class-balanced
+  by predicted label, labels fixed once chosen), and every step trains on a source batch plus a
+  batch of the pseudo-labelled set (source CE kept). The round count is our choice (spec D.13).
+
+Variants: ``zero_shot`` = [zs]; ``iwda`` (estimated w), ``iwda_oracle`` (w = p_T / p_S from the true
+target priors) and ``unweighted`` (w = 1: plain CDAN-W1 alignment) = [zs, iwda];
+``self_training`` = [zs, st]; ``iwda_self_training`` = [zs, iwda, st]. ``init_from`` starts from the
+model of a finished ``zero_shot`` run with the same zero-shot settings and skips [zs]: every phase
+draws its own data streams and reseeds its randomness on entry, so the result equals one run of
+all phases.
+
+Data (spec C.1): the source is the labelled source-language verses of ``source_split`` (default the
+train half A); the target pool, the unlabelled target-language verses of ``target_split`` (half B,
+so no source verse has its translation in the pool) drawn with the target priors; the target dev
+and test sets are drawn from the dev and test splits with the same priors. ``mode="frozen"``
+trains g (a residual MLP) and h on cached encoder features; ``mode="finetune"`` fine-tunes the
+encoder's top ``trainable_layers`` (g = encoder + pooling). Dev sets are for choices, test sets
+for reporting only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xlt_fast import metrics
+from xlt_fast.data import GENRES, load_genre_task, resolve_priors, subsample_with_priors
+from xlt_fast.data.core import ClassificationDataset
+from xlt_fast.models import EncoderClassifier, load_encoder
+from xlt_fast.nn import FeatureClassifier, ImportanceWeights, WassersteinCritic, grad_reverse, solve_weights_qp
+from xlt_fast.nn.importance import confusion_counts, prediction_counts
+from xlt_fast.training import (Context, Phase, State, TrainerConfig, arg, default_cache, generator,
+                               warmup_linear)
+from xlt_fast.training.checkpoint import latest
+from xlt_fast.training.config import ConfigError
+
+Variant = Literal["zero_shot", "iwda", "iwda_oracle", "unweighted", "self_training", "iwda_self_training"]
+ALIGNED = ("iwda", "iwda_oracle", "unweighted", "iwda_self_training")
+MIN_SHIFT = 0.05  # below this TV the correction % (a ratio to the shift) is not reported
+ESTIMATED = ("iwda", "iwda_self_training")
+
+
+@dataclasses.dataclass
+class IWDAConfig(TrainerConfig):
+    variant: Variant = arg("iwda", "zero_shot | iwda | iwda_oracle | unweighted | self_training | iwda_self_training")
+    target_lang: str = arg("ko", "target language (Bible corpus code)")
+    # data (spec C.1)
+    target_priors: list[str] = arg(["source"], "target class priors: source | peaked:<class>:<t> | "
+                                   "dirichlet:<alpha>:<seed> | 8 numbers (xlt_fast.data.priors)")
+    n_target: int = arg(2000, "size of the unlabelled target pool, drawn with the target priors", ge=8)
+    n_test: int = arg(600, "size of the target test set (target priors); reporting only", ge=8)
+    n_dev: int = arg(600, "size of the target dev set (target priors); for choices", ge=8)
+    n_source: int = arg(0, "source examples drawn (natural prior) from source_split; 0 = all", ge=0)
+    n_source_eval: int = arg(1000, "source dev examples for monitoring and the feature shift (Eq. 1)", ge=8)
+    source_split: str = arg("train_a", "split of the labelled source data (train_a: train half A)")
+    target_split: str = arg("train_b", "split of the unlabelled target pool (train_b: the other half)")
+    data_seed: int = arg(0, "seed of the data subsamples (separate from seed, so seeds share data)", ge=0)
+    # model
+    mode: Literal["frozen", "finetune"] = arg("frozen", "frozen: MLP g on cached encoder features; "
+                                              "finetune: fine-tune the encoder's top layers")
+    feature_layer: int = arg(12, "frozen mode: encoder layer of the cached features (0 = embeddings)", ge=0)
+    pooling: Literal["mean", "cls"] = arg("mean", "sentence pooling (e5: mean; seed 000 uses [CLS] for mBERT)")
+    prefix: str = arg("query: ", "text prefix (e5 expects 'query: ')")
+    max_length: int = arg(128, "max tokens per text", ge=8)
+    hidden: int = arg(384, "frozen mode: width of g's hidden layer (spec C.1)", ge=1)
+    dropout: float = arg(0.1, "dropout in g (frozen) or before h (finetune)", ge=0, lt=1)
+    trainable_layers: int = arg(12, "finetune mode: top encoder layers trained (embeddings always frozen)", ge=0)
+    # optimisation shared by the phases ([paper] C.2: AdamW, weight decay 0.01, warm-up 10% + linear)
+    batch_size: int = arg(8, "examples per domain per step ([paper] C.2: 8 + 8)", ge=1)
+    weight_decay: float = arg(0.01, "AdamW weight decay of g, h and the critic ([paper] C.2)", ge=0)
+    warmup_ratio: float = arg(0.1, "linear warm-up fraction of each phase's lr ([paper] C.2)", ge=0, le=1)
+    # zero-shot stage
+    zs_epochs: float = arg(4.0, "zero-shot epochs over the source ([paper] Sec. 4: 4)", gt=0)
+    zs_lr: float = arg(1e-3, "zero-shot lr (frozen features; [paper] C.2: 1e-5 for full fine-tuning)", gt=0)
+    init_from: str = arg("", "run directory of a finished zero_shot run with the same zero-shot settings: "
+                         "start from its model and skip the zero-shot stage (zero_shot: only evaluate it)")
+    # IWDA stage
+    epochs: float = arg(4.0, "IWDA epochs over the source ([paper] C.2: 4 source epochs)", gt=0)
+    lr: float = arg(1e-3, "model lr in the IWDA stage (frozen features; [paper] C.2: 1e-5 fine-tuning)", gt=0)
+    critic_hidden: int = arg(2048, "critic hidden width ([paper] C.1: 2048)", ge=1)
+    critic_lr: float = arg(5e-4, "critic lr ([paper] C.2)", gt=0)
+    lambda_da: float = arg(5e-3, "alignment strength lambda ([paper] C.2: 5e-3)", ge=0)
+    lambda_gp: float = arg(10.0, "gradient-penalty weight mu ([paper] C.2: 10)", ge=0)
+    da_warmup_ratio: float = arg(0.1, "ramp of lambda_t over this fraction of the stage ([paper] C.2)", ge=0, le=1)
+    critic_scale: Literal["lambda_da", "one"] = arg(
+        "lambda_da", "critic ascends s*Delta - mu*GP with s = lambda_da (paper formula) or 1 (later code)")
+    critic_normalize: Literal["n", "sum_w"] = arg(
+        "n", "weighted source term divided by n (authors' code, spec D.1) or by sum(w)")
+    cdan: bool = arg(True, "condition the critic on softmax outputs (CDAN, [paper] C.1)")
+    n_critic: int = arg(1, "1: simultaneous updates; k > 1: k critic steps per feature step (App. A.2)", ge=1)
+    lr_iw: float = arg(5e-4, "lr of the weights, linearly decayed ([paper] C.2, Sec. 3)", gt=0)
+    lambda_iw: float = arg(2.0, "weight decay of w - w0, the xi regulariser ([paper] C.2: 2; A.2: 1)", ge=0)
+    lambda_iw_init: float = arg(0.25, "rho in w0 = (1 - rho) w_qp + rho ([paper] C.2)", ge=0, le=1)
+    iw_warmup_ratio: float = arg(0.1, "ramp from uniform to estimated weights in the critic ([code])", ge=0, le=1)
+    iw_ema_rate: float = arg(5e-3, "EMA rate of the confusion statistics ([code] lr_confusion_mtx)", gt=0, le=1)
+    iw_projection: Literal["clamp", "euclidean"] = arg(
+        "clamp", "clamp: max(w,0)/p_S.w (authors' code); euclidean: nearest feasible point (spec D.4)")
+    iw_init_data: Literal["train", "dev"] = arg(
+        "train", "source data of the QP confusion matrix: the training source ([code]) or source dev (BBSE-style)")
+    # self-training (Dong & de Melo 2019; spec D.13)
+    st_epochs: float = arg(4.0, "self-training epochs over the source", gt=0)
+    st_lr: float = arg(1e-3, "self-training lr (frozen features; [paper] C.2: 1e-5 fine-tuning)", gt=0)
+    st_iterations: int = arg(10, "self-training rounds (each adds st_fraction of the pool)", ge=1)
+    st_fraction: float = arg(0.02, "fraction of the pool added per round ([paper] C.2: 0.05% or 2%)", gt=0, le=1)
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        try:
+            from xlt_fast.data import languages
+
+            langs = languages()
+            for name in ("source_lang", "target_lang"):
+                if getattr(self, name) not in langs:
+                    problems.append(f"{name}: no Bible translation for {getattr(self, name)!r}; available: {langs}")
+        except (ImportError, FileNotFoundError) as exc:
+            problems.append(f"source_lang/target_lang: the Bible corpus is missing ({exc})")
+        try:
+            resolve_priors(self.target_priors, np.full(len(GENRES), 1 / len(GENRES)), GENRES)
+        except ValueError as exc:
+            problems.append(f"target_priors: {exc}")
+        for name in ("source_split", "target_split"):
+            if getattr(self, name) not in ("train", "train_a", "train_b"):
+                problems.append(f"{name}: expected train, train_a or train_b, got {getattr(self, name)!r}")
+        if self.source_split == self.target_split and self.source_split != "train":
+            problems.append("target_split: must differ from source_split (disjoint halves, spec C.1)")
+        return problems
+
+
+# ------------------------------------------------------------------------------------------- data
+
+@dataclasses.dataclass
+class Domain:
+    """Model inputs (feature rows or texts) of a dataset, its labels (on the device) and prior."""
+
+    name: str
+    dataset: ClassificationDataset
+    inputs: Any
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+@dataclasses.dataclass
+class Data:
+    source: Domain
+    target: Domain          # the unlabelled pool: its labels are used for reporting only
+    evals: dict[str, Domain]
+    source_prior: np.ndarray
+    target_prior: np.ndarray
+
+
+def _subsample(dataset: ClassificationDataset, priors: np.ndarray, n: int, seed: int, field: str) -> ClassificationDataset:
+    try:
+        return subsample_with_priors(dataset, priors, n, seed)[0]
+    except ValueError as exc:
+        raise ConfigError("IWDAConfig", [f"{field}: {exc}"]) from None
+
+
+def datasets(cfg: IWDAConfig) -> dict[str, ClassificationDataset]:
+    """The source, target pool and evaluation sets of the config (spec C.1)."""
+    source = load_genre_task(cfg.source_lang, cfg.source_split)
+    if cfg.n_source:
+        source = _subsample(source, source.priors(), cfg.n_source, cfg.data_seed, "n_source")
+    prior = resolve_priors(cfg.target_priors, source.priors(), GENRES)
+    tgt = cfg.target_lang
+    source_dev = load_genre_task(cfg.source_lang, "dev")
+    return {"source": source,
+            "target": _subsample(load_genre_task(tgt, cfg.target_split), prior, cfg.n_target, cfg.data_seed + 1,
+                                 "n_target/target_priors"),
+            "source_dev": _subsample(source_dev, source_dev.priors(), min(cfg.n_source_eval, len(source_dev)),
+                                     cfg.data_seed + 4, "n_source_eval"),
+            "target_dev": _subsample(load_genre_task(tgt, "dev"), prior, cfg.n_dev, cfg.data_seed + 3,
+                                     "n_dev/target_priors"),
+            "target_test": _subsample(load_genre_task(tgt, "test"), prior, cfg.n_test, cfg.data_seed + 2,
+                                      "n_test/target_priors")}
+
+
+def _lang(cfg: IWDAConfig, name: str) -> str:
+    return cfg.source_lang if name.startswith("source") else cfg.target_lang
+
+
+def load_data(cfg: IWDAConfig, ctx: Context) -> Data:
+    sets = datasets(cfg)
+    if cfg.mode == "frozen":
+        cache = default_cache()
+        with ctx.dist.main_first():
+            texts = [t for ds in sets.values() for t in ds.texts]
+            feats = cache.get(texts, encoder=cfg.encoder, layers=(cfg.feature_layer,), pooling=cfg.pooling,
+                              prefix=cfg.prefix, max_length=cfg.max_length, device=ctx.device,
+                              progress=cfg.progress and ctx.dist.is_main)[cfg.feature_layer].to(ctx.device)
+        rows = np.cumsum([0] + [len(ds) for ds in sets.values()])
+        inputs = {name: feats[a:b] for name, a, b in zip(sets, rows[:-1], rows[1:])}
+    else:
+        inputs = {name: ds.texts for name, ds in sets.items()}
+    domains = {name: Domain(name, ds, inputs[name], torch.tensor(ds.labels, device=ctx.device))
+               for name, ds in sets.items()}
+    return Data(domains["source"], domains["target"],
+                {k: domains[k] for k in ("source_dev", "target_dev", "target_test")},
+                sets["source"].priors(), resolve_priors(cfg.target_priors, sets["source"].priors(), GENRES))
+
+
+# ------------------------------------------------------------------------------------------ build
+
+ZS_FIELDS = ("source_lang", "seed", "encoder", "device", "max_steps", "n_source", "source_split", "data_seed", "mode",
+             "feature_layer", "pooling", "prefix", "max_length", "hidden", "dropout", "trainable_layers",
+             "batch_size", "weight_decay", "warmup_ratio", "zs_epochs", "zs_lr")
+
+
+def _adamw(params, **kw) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over all tensors; 3-4x faster than the default on CPU)."""
+    return torch.optim.AdamW(params, fused=True, **kw)
+
+
+def _steps(cfg: IWDAConfig, epochs: float, batches_per_epoch: int) -> int:
+    steps = max(1, math.ceil(epochs * batches_per_epoch))
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def phase_names(cfg: IWDAConfig) -> list[str]:
+    """The phases of the variant; ``zero_shot`` with ``init_from`` has none (it evaluates the model)."""
+    names = [] if cfg.init_from else ["zs"]
+    if cfg.variant in ALIGNED:
+        names.append("iwda")
+    if cfg.variant in ("self_training", "iwda_self_training"):
+        names.append("st")
+    return names
+
+
+def _init_from(cfg: IWDAConfig, model: nn.Module) -> None:
+    run = Path(cfg.init_from)
+    saved = json.loads((run / "config.json").read_text())["config"] if (run / "config.json").is_file() else None
+    found = latest(run / "checkpoints")
+    if saved is None or found is None or not (run / "results.json").is_file():
+        raise ConfigError("IWDAConfig", [f"init_from: {run} is not a finished run with a checkpoint "
+                                         f"(keep_checkpoints >= 1)"])
+    differ = [f for f in ZS_FIELDS if saved.get(f) != getattr(cfg, f)]
+    if saved.get("variant") != "zero_shot" or differ:
+        raise ConfigError("IWDAConfig", [f"init_from: {run} is not a zero_shot run with these zero-shot settings "
+                                         f"(variant {saved.get('variant')!r}; differing fields: {differ})"])
+    payload = torch.load(found / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(payload["modules"]["model"])
+
+
+def build(cfg: IWDAConfig, ctx: Context) -> State:
+    data = load_data(cfg, ctx)
+    k = len(GENRES)
+    if cfg.mode == "frozen":
+        model = FeatureClassifier(data.source.inputs.shape[1], k, cfg.hidden, cfg.dropout)
+    else:
+        model = EncoderClassifier(load_encoder(cfg.encoder, device=ctx.device, progress=False), k, cfg.pooling,
+                                  cfg.trainable_layers, cfg.dropout, cfg.prefix, cfg.max_length)
+    model = model.to(ctx.device)
+    if cfg.init_from:
+        _init_from(cfg, model)
+    modules: dict[str, nn.Module] = {"model": model}
+    optimizers, schedulers = {}, {}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    bpe = len(data.source) // cfg.batch_size
+    names = phase_names(cfg)
+    if "zs" in names:
+        ctx.stream("zs/source", len(data.source), cfg.batch_size)
+        optimizers["zs"] = _adamw(trainable, lr=cfg.zs_lr, weight_decay=cfg.weight_decay)
+        schedulers["zs"] = warmup_linear(optimizers["zs"], _steps(cfg, cfg.zs_epochs, bpe), cfg.warmup_ratio)
+    if "iwda" in names:
+        steps = _steps(cfg, cfg.epochs, bpe)
+        ctx.stream("iwda/source", len(data.source), cfg.batch_size)
+        ctx.stream("iwda/target", len(data.target), cfg.batch_size)
+        critic = WassersteinCritic(model.feature_size, cfg.critic_hidden, k if cfg.cdan else None).to(ctx.device)
+        if cfg.variant == "iwda_oracle":
+            init = torch.as_tensor(data.target_prior / data.source_prior)
+        else:
+            init = None
+        iw = ImportanceWeights(torch.as_tensor(data.source_prior), init, cfg.iw_ema_rate,
+                               trainable=cfg.variant in ESTIMATED).to(ctx.device)
+        modules.update(critic=critic, iw=iw)
+        optimizers["model"] = _adamw(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        schedulers["model"] = warmup_linear(optimizers["model"], steps, cfg.warmup_ratio)
+        optimizers["critic"] = _adamw(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
+        if cfg.variant in ESTIMATED:
+            optimizers["iw"] = _adamw([iw.delta], lr=cfg.lr_iw, weight_decay=cfg.lambda_iw)
+            schedulers["iw"] = warmup_linear(optimizers["iw"], steps, 0.0)
+    if "st" in names:
+        ctx.stream("st/source", len(data.source), cfg.batch_size)
+        optimizers["st"] = _adamw(trainable, lr=cfg.st_lr, weight_decay=cfg.weight_decay)
+        schedulers["st"] = warmup_linear(optimizers["st"], _steps(cfg, cfg.st_epochs, bpe), cfg.warmup_ratio)
+        modules["pseudo"] = PseudoLabels(len(data.target)).to(ctx.device)
+    generators = {"critic": generator(cfg.seed, "critic"), "st": generator(cfg.seed, "st")}
+    parallel = {"model": ctx.wrap(model)}
+    if "critic" in modules:
+        parallel["critic"] = ctx.wrap(CriticLoss(modules["critic"], cfg.critic_normalize))
+    return State(modules=modules, optimizers=optimizers, schedulers=schedulers, generators=generators,
+                 data=data, parallel=parallel)
+
+
+class CriticLoss(nn.Module):
+    """``(Delta, GP) = critic_gp(...)`` as a module call, so that ``DistributedDataParallel`` sees a
+    forward and all-reduces the critic's gradients."""
+
+    def __init__(self, critic: WassersteinCritic, normalize: str) -> None:
+        super().__init__()
+        self.critic, self.normalize = critic, normalize
+
+    def forward(self, zs, zt, ps, pt, weight, alpha):
+        return self.critic.critic_gp(zs, zt, ps, pt, weight, alpha=alpha, normalize=self.normalize)
+
+
+class PseudoLabels(nn.Module):
+    """Self-training state: which pool examples are selected and their (fixed) pseudo-labels."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("selected", torch.zeros(n, dtype=torch.bool))
+        self.register_buffer("labels", torch.zeros(n, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------- phases
+
+def _forward(state: State, parts) -> tuple[torch.Tensor, torch.Tensor]:
+    model = state.modules["model"]
+    return state.parallel["model"](model.collate(parts))
+
+
+def _zs_step(state: State, ctx: Context) -> dict[str, float]:
+    src = state.data.source
+    idx = state.streams["zs/source"].next()
+    _, logits = _forward(state, [(src.inputs, idx)])
+    loss = F.cross_entropy(logits, src.labels[idx])
+    ctx.update(loss, ["zs"])
+    return {"loss": loss.item()}
+
+
+@torch.no_grad()
+def predict(state: State, ctx: Context, domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, logits)`` of every example of ``domain`` (eval mode, sharded across processes)."""
+    model = state.modules["model"]
+    was = model.training
+    model.eval()
+    out = ctx.predict(lambda idx: torch.cat(model(model.collate([(domain.inputs, idx)])), dim=1), len(domain))
+    model.train(was)
+    d = model.feature_size
+    return out[:, :d], out[:, d:]
+
+
+def _iwda_enter(cfg: IWDAConfig, state: State, ctx: Context) -> dict[str, Any]:
+    """IW initialisation (A.2 step 1): QP on the zero-shot model's hard confusion matrix."""
+    iw: ImportanceWeights = state.modules["iw"]
+    if cfg.variant not in ESTIMATED:
+        return {"w": iw.weights.tolist()}
+    src = state.data.evals["source_dev"] if cfg.iw_init_data == "dev" else state.data.source
+    _, logits_s = predict(state, ctx, src)
+    _, logits_t = predict(state, ctx, state.data.target)
+    k = logits_s.shape[1]
+    C0 = confusion_counts(logits_s.argmax(1), src.labels, k).cpu().numpy()
+    t0 = prediction_counts(logits_t.argmax(1), k).cpu().numpy()
+    w_qp = torch.as_tensor(solve_weights_qp(C0, t0, state.data.source_prior))
+    iw.reset((1 - cfg.lambda_iw_init) * w_qp + cfg.lambda_iw_init)
+    return {"w_qp": w_qp.tolist(), "w0": iw.weights.tolist(), **_iw_quality(state)}
+
+
+def _ramp(t: int, total: int, ratio: float) -> float:
+    return 1.0 if ratio == 0 else min(1.0, t / (ratio * total))
+
+
+def _iwda_step(cfg: IWDAConfig, steps: int, state: State, ctx: Context) -> dict[str, float]:
+    """One step: simultaneous updates, or ``n_critic - 1`` critic-only steps then a feature step."""
+    if cfg.n_critic == 1:
+        return _alignment_step(cfg, steps, state, ctx, ("model", "critic"))
+    critic = [_alignment_step(cfg, steps, state, ctx, ("critic",))["w1"] for _ in range(cfg.n_critic)]
+    return _alignment_step(cfg, steps, state, ctx, ("model",)) | {"critic_steps_w1": sum(critic) / len(critic)}
+
+
+def _alignment_step(cfg: IWDAConfig, steps: int, state: State, ctx: Context, update: tuple[str, ...]
+                    ) -> dict[str, float]:
+    """Losses on one source + one target batch and an update of the modules named in ``update``
+    (the weights w follow the model)."""
+    data, iw = state.data, state.modules["iw"]
+    i_s, i_t = state.streams["iwda/source"].next(), state.streams["iwda/target"].next()
+    parts = [(data.source.inputs, i_s), (data.target.inputs, i_t)]
+    features = "model" in update
+    if features:
+        z, logits = _forward(state, parts)
+    else:  # critic-only step: the features are constants (no DistributedDataParallel forward of the model)
+        with torch.no_grad():
+            model = state.modules["model"]
+            z, logits = model(model.collate(parts))
+    n = i_s.numel()
+    y_s = data.source.labels[i_s]
+    p = torch.softmax(logits.detach(), 1)
+    t = state.phase_step
+    estimating = features and "iw" in state.optimizers
+    if estimating:  # EMA statistics from this step's hard predictions (A.2 step 2c), summed over processes
+        pred, k = p.argmax(1), p.shape[1]
+        counts = torch.cat([confusion_counts(pred[:n], y_s, k).flatten(), prediction_counts(pred[n:], k)])
+        ctx.dist.all_reduce_sum(counts)
+        iw.update_statistics(counts[: k * k].reshape(k, k), counts[k * k:])
+    a_t = _ramp(t, steps, cfg.iw_warmup_ratio)
+    weight = (a_t * iw.weights.detach() + (1 - a_t))[y_s].to(z.dtype)
+    lam_t = cfg.lambda_da * _ramp(t, steps, cfg.da_warmup_ratio)
+    s = cfg.lambda_da if cfg.critic_scale == "lambda_da" else 1.0
+    # the features receive lambda_t dDelta/dz through the reversal; the critic ascends s Delta - mu GP
+    zc = grad_reverse(z, lam_t / s) if features and s > 0 else z.detach()
+    alpha = ctx.share(torch.rand(cfg.batch_size, generator=state.generators["critic"])).to(z)
+    ps, pt = (p[:n], p[n:]) if cfg.cdan else (None, None)
+    w1, gp = state.parallel["critic"](zc[:n], zc[n:], ps, pt, weight, alpha)
+    loss = -(s * w1 - cfg.lambda_gp * gp)
+    values = {"w1": w1.item(), "gp": gp.item()}
+    if features:
+        loss_cls = F.cross_entropy(logits[:n], y_s)
+        loss = loss + loss_cls
+        values = {"loss": loss_cls.item(), **values, "lambda": lam_t}
+    names = list(update)
+    if estimating:
+        loss_iw = iw.loss()
+        loss = loss + loss_iw
+        names.append("iw")
+        values["iw_loss"] = loss_iw.item()
+    ctx.update(loss, names, values)
+    if estimating:
+        iw.project_(cfg.iw_projection)
+    return values
+
+
+def _st_select(cfg: IWDAConfig, state: State, ctx: Context) -> int:
+    """One self-training round: add the most confident unselected pool examples, class-balanced."""
+    pseudo: PseudoLabels = state.modules["pseudo"]
+    _, logits = predict(state, ctx, state.data.target)
+    conf, pred = torch.softmax(logits, 1).max(1)
+    k = logits.shape[1]
+    per_class = max(1, round(cfg.st_fraction * len(state.data.target) / k))
+    for c in range(k):
+        candidates = ((pred == c) & ~pseudo.selected).nonzero().flatten()
+        top = candidates[conf[candidates].argsort(descending=True)[:per_class]]
+        pseudo.selected[top] = True
+        pseudo.labels[top] = c
+    return int(pseudo.selected.sum())
+
+
+def _st_step(cfg: IWDAConfig, steps: int, state: State, ctx: Context) -> dict[str, float]:
+    per_round = math.ceil(steps / cfg.st_iterations)
+    if state.phase_step % per_round == 0:
+        _st_select(cfg, state, ctx)
+    data, pseudo = state.data, state.modules["pseudo"]
+    chosen = pseudo.selected.nonzero().flatten()
+    i_p = chosen[ctx.share(torch.randint(len(chosen), (cfg.batch_size,), generator=state.generators["st"]))
+                 .to(chosen.device)]
+    i_s = state.streams["st/source"].next()
+    _, logits = _forward(state, [(data.source.inputs, i_s), (data.target.inputs, i_p)])
+    n = i_s.numel()
+    loss_src = F.cross_entropy(logits[:n], data.source.labels[i_s])
+    loss_pseudo = F.cross_entropy(logits[n:], pseudo.labels[i_p])
+    ctx.update(loss_src + loss_pseudo, ["st"])
+    return {"loss": loss_src.item(), "pseudo_loss": loss_pseudo.item(), "selected": float(len(chosen))}
+
+
+def phases(cfg: IWDAConfig, state: State) -> list[Phase]:
+    bpe = len(state.data.source) // cfg.batch_size
+    out = []
+    for name in phase_names(cfg):
+        if name == "zs":
+            out.append(Phase("zs", _steps(cfg, cfg.zs_epochs, bpe), _zs_step))
+        elif name == "iwda":
+            steps = _steps(cfg, cfg.epochs, bpe)
+            out.append(Phase("iwda", steps, lambda s, c, n=steps: _iwda_step(cfg, n, s, c),
+                             enter=lambda s, c: _iwda_enter(cfg, s, c)))
+        else:
+            steps = _steps(cfg, cfg.st_epochs, bpe)
+            out.append(Phase("st", steps, lambda s, c, n=steps: _st_step(cfg, n, s, c)))
+    return out
+
+
+# -------------------------------------------------------------------------------------- evaluate
+
+def _iw_quality(state: State) -> dict[str, Any]:
+    """The weights, the implied target prior and how well it matches the pool's true prior."""
+    if "iw" not in state.modules or state.phase == "zs":  # the weights exist from the IWDA stage on
+        return {}
+    iw: ImportanceWeights = state.modules["iw"]
+    est = iw.target_prior.cpu().numpy()
+    true = state.data.target.dataset.priors()
+    shift = metrics.total_variation(true, state.data.source_prior)
+    pct = metrics.prior_correction(true, state.data.source_prior, est) if shift >= MIN_SHIFT else None
+    return {"w": iw.weights.tolist(), "target_prior_est": est.tolist(), "tv_est": metrics.total_variation(true, est),
+            "tv_shift": shift, "correction_pct": pct}
+
+
+def evaluate(state: State, ctx: Context) -> dict[str, dict[str, Any]]:
+    """Accuracy, macro-F1 over the classes present, and for the target sets the conditional feature
+    shift to the source dev set (seed 000 Eqs. 1-2; also relative to the mean L1 norm of the source
+    class means, which a mere rescaling of the features does not change) and the TV prior shift."""
+    out: dict[str, dict[str, Any]] = {}
+    feats = {}
+    for name, domain in state.data.evals.items():
+        z, logits = predict(state, ctx, domain)
+        y = domain.labels.cpu()
+        pred = logits.argmax(1).cpu()
+        feats[name] = (z.cpu(), y)
+        out[name] = {"accuracy": metrics.accuracy(y, pred),
+                     "macro_f1": metrics.macro_f1(y, pred, labels=np.unique(y.numpy())),
+                     "tv_shift": metrics.total_variation(domain.dataset.priors(), state.data.source_prior)}
+    zs_, ys_ = feats["source_dev"]
+    scale = float(np.mean([zs_[ys_ == c].mean(0).abs().sum() for c in ys_.unique()]))
+    for name in ("target_dev", "target_test"):
+        shift = metrics.conditional_feature_shift(zs_, ys_, *feats[name])
+        out[name].update(feature_shift=shift, feature_shift_rel=shift / scale)
+    quality = _iw_quality(state)
+    if quality:
+        out["iw"] = quality
+    return out
+
+
+def summary(state: State) -> dict[str, Any]:
+    return {"source_prior": state.data.source_prior.tolist(), "target_prior": state.data.target_prior.tolist(),
+            "pool_prior": state.data.target.dataset.priors().tolist(), **_iw_quality(state)}
+
+
+Config = IWDAConfig
+
+
+def train(cfg: IWDAConfig, resume: bool = False, stop_after: int | None = None):
+    """Train one IWDA config in ``cfg.output_dir``; returns its :class:`xlt_fast.training.Result`."""
+    import sys
+
+    from xlt_fast.training import train as run
+
+    return run(sys.modules[__name__], cfg, resume=resume, stop_after=stop_after)
