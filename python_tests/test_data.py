@@ -340,3 +340,49 @@ def test_genre_task_shift_metrics_plumbing():
     data = bible.load_genre_task("en", "test")
     sub, tv = bible.subsample_with_priors(data, np.full(8, 1 / 8), 200, seed=0)
     assert metrics.prior_shift(data.labels, sub.labels, 8) == pytest.approx(tv)
+
+
+def test_train_halves_disjoint_stratified_and_untranslated():
+    """Half A (labelled source) and half B (unlabelled target pool) split the train chapters, in
+    every genre, so no verse of one half is a translation of a verse of the other."""
+    a, b, train = (bible.load_genre_task("en", s) for s in ("train_a", "train_b", "train"))
+    assert len(a) + len(b) == len(train) and not set(a.ids) & set(b.ids)
+    chapters = lambda ds: {tuple(i.split(".")[:2]) for i in ds.ids}  # noqa: E731
+    assert not chapters(a) & chapters(b)
+    assert (a.class_counts() > 0).all() and (b.class_counts() > 0).all()
+    assert np.abs(a.priors() - b.priors()).max() < 0.04  # cut by chapter count; chapters differ in length
+    assert bible.load_genre_task("ko", "train_b").ids == [i for i in bible.load_genre_task("ko", "train").ids
+                                                          if i in set(b.ids)]
+    pairs = bible.load_parallel("en", "de", "train_a")
+    assert set(pairs.ids) <= set(a.ids)
+
+
+def test_subsample_is_nested_across_priors():
+    """For one seed, more examples of a class contain the fewer: priors of a grid share examples."""
+    data = bible.load_genre_task("en", "dev")
+    small, _ = bible.subsample_with_priors(data, data.priors(), 300, seed=5)
+    peaked, _ = bible.subsample_with_priors(data, 0.5 * data.priors() + 0.5 * np.eye(8)[0], 300, seed=5)
+    labels = dict(zip(data.ids, data.labels))
+    law_small = {i for i in small.ids if labels[i] == 0}
+    law_peaked = {i for i in peaked.ids if labels[i] == 0}
+    assert len(law_peaked) > len(law_small) and law_small <= law_peaked
+    other_small = {i for i in small.ids if labels[i] == 1}
+    assert {i for i in peaked.ids if labels[i] == 1} <= other_small
+
+
+def test_prior_specs():
+    from xlt_fast.data import resolve_priors
+
+    base = np.full(8, 1 / 8)
+    np.testing.assert_allclose(resolve_priors(["source"], base, bible.GENRES), base)
+    peaked = resolve_priors(["peaked:law:0.5"], base, bible.GENRES)
+    assert peaked[0] == pytest.approx(0.5625) and peaked.sum() == pytest.approx(1)
+    assert 0.5 * np.abs(peaked - base).sum() == pytest.approx(0.5 * (1 - 1 / 8))  # TV = t (1 - pi_S[c])
+    np.testing.assert_allclose(resolve_priors(["peaked:3:1"], base, bible.GENRES), np.eye(8)[3])
+    d = resolve_priors(["dirichlet:1:4"], base, bible.GENRES)
+    assert d.sum() == pytest.approx(1) and np.array_equal(d, resolve_priors(["dirichlet:1:4"], base, bible.GENRES))
+    np.testing.assert_allclose(resolve_priors([str(v) for v in base], base, bible.GENRES), base)
+    for bad, msg in ((["peaked:law:2"], "in \\[0, 1\\]"), (["peaked:x:0.1"], "unknown class"),
+                     (["0.5", "0.5"], "8 non-negative numbers"), (["uniform"], "unknown prior")):
+        with pytest.raises(ValueError, match=msg):
+            resolve_priors(bad, base, bible.GENRES)

@@ -153,3 +153,14 @@ def test_pearson_matches_scipy():
     assert metrics.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="constant"):
         metrics.pearson([1, 1, 1], [1, 2, 3])
+
+
+def test_prior_correction_percent():
+    """Seed 000 Sec. 4.2: 100 for a perfect estimate, 0 for 'no shift', negative when worse."""
+    p_s, p_t = np.array([0.5, 0.3, 0.2]), np.array([0.1, 0.3, 0.6])
+    assert metrics.prior_correction(p_t, p_s, p_t) == pytest.approx(100)
+    assert metrics.prior_correction(p_t, p_s, p_s) == pytest.approx(0)
+    halfway = (p_s + p_t) / 2
+    assert metrics.prior_correction(p_t, p_s, halfway) == pytest.approx(50)
+    assert metrics.prior_correction(p_t, p_s, np.array([0.9, 0.05, 0.05])) < 0
+    assert np.isnan(metrics.prior_correction(p_s, p_s, p_t))

@@ -46,7 +46,11 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from xlt_fast.training import load_config
     from xlt_fast.training.config import config_help
 
-    trainer = trainers.get(args.method)
+    try:
+        trainer = trainers.get(args.method)
+    except ValueError as exc:
+        print(f"xlt-fast train: {exc}", file=sys.stderr)
+        return 2
     if args.help:
         print(config_help(trainer.Config))
         return 0
@@ -66,6 +70,11 @@ def _reproduce(args: argparse.Namespace) -> int:
     from xlt_fast.training import atomic
 
     methods = args.methods or list(experiments.EXPERIMENTS)
+    unknown = [m for m in methods if m not in experiments.EXPERIMENTS]
+    if unknown:
+        print(f"xlt-fast reproduce: unknown method(s) {unknown}; available: {', '.join(experiments.EXPERIMENTS)}",
+              file=sys.stderr)
+        return 2
     out = Path(args.output_dir)
     tables = []
     for method in methods:

@@ -352,9 +352,11 @@ def plot(recs: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(out_dir: str | Path, quick: bool = True, progress: bool = True, workers: int | None = None) -> list[Claim]:
-    """The whole experiment in ``out_dir`` (resumable: complete runs are reused); returns the claims."""
-    settings = QUICK if quick else FULL
+def run(out_dir: str | Path, quick: bool = True, progress: bool = True, workers: int | None = None,
+        settings: Settings | None = None) -> list[Claim]:
+    """The whole experiment in ``out_dir`` (resumable: complete runs are reused); returns the claims.
+    ``settings`` replaces the quick/full sizes (tests)."""
+    settings = settings or (QUICK if quick else FULL)
     if workers is not None:
         settings = dataclasses.replace(settings, workers=workers)
     out = Path(out_dir)

@@ -117,6 +117,9 @@ class IWDAConfig(TrainerConfig):
         "lambda_da", "critic ascends s*Delta - mu*GP with s = lambda_da (paper formula) or 1 (later code)")
     critic_normalize: Literal["n", "sum_w"] = arg(
         "n", "weighted source term divided by n (authors' code, spec D.1) or by sum(w)")
+    critic_backend: Literal["auto", "reference", "cpu", "cuda"] = arg(
+        "auto", "critic_gp backend: auto = the fused kernels (closed-form penalty gradients); reference = "
+        "materialised CDAN input + autograd double backward, the usual implementation")
     cdan: bool = arg(True, "condition the critic on softmax outputs (CDAN, [paper] C.1)")
     n_critic: int = arg(1, "1: simultaneous updates; k > 1: k critic steps per feature step (App. A.2)", ge=1)
     lr_iw: float = arg(5e-4, "lr of the weights, linearly decayed ([paper] C.2, Sec. 3)", gt=0)
@@ -274,7 +277,11 @@ def _init_from(cfg: IWDAConfig, model: nn.Module) -> None:
 
 
 def build(cfg: IWDAConfig, ctx: Context) -> State:
-    data = load_data(cfg, ctx)
+    return build_state(cfg, ctx, load_data(cfg, ctx))
+
+
+def build_state(cfg: IWDAConfig, ctx: Context, data: Data) -> State:
+    """Models, optimizers, schedulers, streams and generators of ``cfg`` on ``data``."""
     k = len(GENRES)
     if cfg.mode == "frozen":
         model = FeatureClassifier(data.source.inputs.shape[1], k, cfg.hidden, cfg.dropout)
@@ -319,7 +326,7 @@ def build(cfg: IWDAConfig, ctx: Context) -> State:
     generators = {"critic": generator(cfg.seed, "critic"), "st": generator(cfg.seed, "st")}
     parallel = {"model": ctx.wrap(model)}
     if "critic" in modules:
-        parallel["critic"] = ctx.wrap(CriticLoss(modules["critic"], cfg.critic_normalize))
+        parallel["critic"] = ctx.wrap(CriticLoss(modules["critic"], cfg.critic_normalize, cfg.critic_backend))
     return State(modules=modules, optimizers=optimizers, schedulers=schedulers, generators=generators,
                  data=data, parallel=parallel)
 
@@ -328,12 +335,13 @@ class CriticLoss(nn.Module):
     """``(Delta, GP) = critic_gp(...)`` as a module call, so that ``DistributedDataParallel`` sees a
     forward and all-reduces the critic's gradients."""
 
-    def __init__(self, critic: WassersteinCritic, normalize: str) -> None:
+    def __init__(self, critic: WassersteinCritic, normalize: str, backend: str) -> None:
         super().__init__()
-        self.critic, self.normalize = critic, normalize
+        self.critic, self.normalize, self.backend = critic, normalize, backend
 
     def forward(self, zs, zt, ps, pt, weight, alpha):
-        return self.critic.critic_gp(zs, zt, ps, pt, weight, alpha=alpha, normalize=self.normalize)
+        return self.critic.critic_gp(zs, zt, ps, pt, weight, alpha=alpha, normalize=self.normalize,
+                                     backend=self.backend)
 
 
 class PseudoLabels(nn.Module):
