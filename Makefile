@@ -7,7 +7,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup install assets test test-all bench gpu-check clean
+.PHONY: setup install assets reproduce reproduce-full test test-all bench gpu-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,14 @@ setup: $(VENV)/.deps $(VENV)/.assets
 
 install: setup
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+# The main job: the papers' key claims, quick mode (IWDA: about 5 minutes on 2 cores, fresh cache).
+reproduce: install
+	$(VENV)/bin/xlt-fast reproduce --quick --output_dir reproduce
+
+# The paper-sized grid (hours on a CPU; resumable: rerun to continue).
+reproduce-full: install
+	$(VENV)/bin/xlt-fast reproduce --output_dir reproduce-full
 
 test: install
 	$(PYTHON) -m pytest -q
