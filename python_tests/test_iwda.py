@@ -66,6 +66,15 @@ def test_variants_train(tmp_path, variant):
             assert not np.allclose(w, enter["w0"])  # the weights were updated
 
 
+def test_alternating_critic_steps(tmp_path):
+    """n_critic = 2 (App. A.2): two critic-only steps on fresh batches per feature step."""
+    result = iwda.train(_cfg(tmp_path, "alt", variant="iwda", n_critic=2, checkpoint_every=20))
+    progress = json.loads((checkpoint.latest(Path(result.run_dir) / "checkpoints") / "progress.json").read_text())
+    assert result.steps == 40 and progress["streams"]["iwda/source"] == 3 * 20
+    rows = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert all("critic_steps_w1" in r for r in rows if r["split"] == "train" and r["phase"] == "iwda")
+
+
 def test_zero_shot_learns(tmp_path):
     result = iwda.train(_cfg(tmp_path, "zs", variant="zero_shot", zs_epochs=6.0, n_source_eval=400))
     rows = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -402,7 +402,8 @@ def _ramp(t: int, total: int, ratio: float) -> float:
 
 
 def _iwda_step(cfg: IWDAConfig, steps: int, state: State, ctx: Context) -> dict[str, float]:
-    """One step: simultaneous updates, or ``n_critic - 1`` critic-only steps then a feature step."""
+    """One step: simultaneous updates, or ``n_critic`` critic-only steps (each on fresh batches) then a
+    feature step with the critic fixed (App. A.2)."""
     if cfg.n_critic == 1:
         return _alignment_step(cfg, steps, state, ctx, ("model", "critic"))
     critic = [_alignment_step(cfg, steps, state, ctx, ("critic",))["w1"] for _ in range(cfg.n_critic)]
