@@ -41,7 +41,6 @@ void rows_fwd(const scalar_t* y, const scalar_t* p, const scalar_t* b1, const sc
   const int64_t Hk = H * k;
   // Rows 0..N-1: pre-activations and critic values; rows N..N+K-1: interpolated points.
   at::parallel_for(0, N + K, grain(Hk), [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> pmix(p ? k : 0), ymix(p ? Hk : 0);
     for (int64_t r = begin; r < end; ++r) {
       if (r < N) {
         const scalar_t* yr = y + r * Hk;
@@ -57,27 +56,20 @@ void rows_fwd(const scalar_t* y, const scalar_t* p, const scalar_t* b1, const sc
         for (int64_t j = 0; j < H; ++j) acc += static_cast<acc_t>(w2[j]) * (hr[j] > 0 ? hr[j] : scalar_t(0));
         f[r] = static_cast<scalar_t>(acc) + b2;
       } else {
-        // z~ = a zs + (1 - a) zt enters linearly, so y(z~) = a y_s + (1 - a) y_t; p~ likewise.
+        // x~ = a x_s + (1 - a) x_t (x = p (x) z with CDAN) enters W1 linearly, so its pre-activation
+        // is a h_s + (1 - a) h_t, formed from y and p of the two rows.
         const int64_t i = r - N;
         const scalar_t a = alpha[i], b = 1 - alpha[i];
         const scalar_t* ys = y + i * Hk;
         const scalar_t* yt = y + (n_src + i) * Hk;
+        const scalar_t* ps = p ? p + i * k : nullptr;
+        const scalar_t* pt = p ? p + (n_src + i) * k : nullptr;
         scalar_t* mr = mask_mix + i * H;
         scalar_t* ur = u_mix + i * H;
-        if (p == nullptr) {
-          for (int64_t j = 0; j < H; ++j) {
-            const bool on = b1[j] + (a * ys[j] + b * yt[j]) > 0;
-            mr[j] = on ? scalar_t(1) : scalar_t(0);
-            ur[j] = on ? w2[j] : scalar_t(0);
-          }
-        } else {
-          for (int64_t x = 0; x < Hk; ++x) ymix[x] = a * ys[x] + b * yt[x];
-          for (int64_t c = 0; c < k; ++c) pmix[c] = a * p[i * k + c] + b * p[(n_src + i) * k + c];
-          for (int64_t j = 0; j < H; ++j) {
-            const bool on = preact(ymix.data(), pmix.data(), j, k, b1[j]) > 0;
-            mr[j] = on ? scalar_t(1) : scalar_t(0);
-            ur[j] = on ? w2[j] : scalar_t(0);
-          }
+        for (int64_t j = 0; j < H; ++j) {
+          const bool on = a * preact(ys, ps, j, k, b1[j]) + b * preact(yt, pt, j, k, b1[j]) > 0;
+          mr[j] = on ? scalar_t(1) : scalar_t(0);
+          ur[j] = on ? w2[j] : scalar_t(0);
         }
       }
     }

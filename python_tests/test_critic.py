@@ -151,6 +151,21 @@ def test_penalty_through_features_is_zero(backend, device):
     _assert_close(_run(critic, data, backend), _reference(critic, data, detach_penalty_features=False), 1e-8)
 
 
+def test_cdan_penalty_point_is_on_the_segment_between_conditioned_inputs():
+    """The penalty as the IWDA authors' calc_gradient_penalty computes it with CDAN: interpolate the
+    materialised inputs p ⊗ z of paired rows, then |grad f|^2 there (not (p~) ⊗ (z~), which lies off
+    that segment)."""
+    critic, data = _problem(6, 4, 5, 32, 3, False, torch.float64, "cpu")
+    zs, zt, ps, pt, a = (data[k].detach() for k in ("z_src", "z_tgt", "p_src", "p_tgt", "alpha"))
+    xs, xt = (torch.bmm(p.unsqueeze(2), z.unsqueeze(1)).flatten(1) for p, z in ((ps[:4], zs[:4]), (pt, zt)))
+    mix = (a[:, None] * xs + (1 - a[:, None]) * xt).requires_grad_(True)
+    (grad,) = torch.autograd.grad(ref.critic(*critic.critic_params, mix).sum(), mix)
+    want = grad.square().sum(1).mean()
+    for backend in ("reference", "cpu"):
+        _, pen = xlt_fast.critic_gp(critic, zs, zt, ps, pt, alpha=a, backend=backend)
+        torch.testing.assert_close(pen, want, rtol=1e-12, atol=1e-12)
+
+
 def test_reference_gradcheck():
     critic, data = _problem(4, 3, 3, 6, 2, True, torch.float64, "cpu", seed=1)
     w1, b1, w2, b2 = (prm.detach().requires_grad_(True) for prm in critic.critic_params)

@@ -38,15 +38,14 @@ __device__ __forceinline__ T preact(const T* __restrict__ y, const T* p, int64_t
   return b1j + static_cast<T>(s);
 }
 
-// Block r < N: row r's pre-activations and critic value. Block N + i: interpolated row i, whose
-// y(z~) = a y_s + (1 - a) y_t (W1 z is linear) and p~ = a p_s + (1 - a) p_t (in shared memory).
+// Block r < N: row r's pre-activations and critic value. Block N + i: interpolated row i,
+// x~ = a x_s + (1 - a) x_t on the segment between the critic inputs (x = p (x) z with CDAN), whose
+// pre-activation W1 x~ + b1 = a h_s + (1 - a) h_t (W1 is linear), formed from y and p.
 template <typename T>
 __global__ void rows_fwd_kernel(const T* __restrict__ y, const T* __restrict__ p, const T* __restrict__ b1,
                                 const T* __restrict__ w2, const T* __restrict__ b2, const T* __restrict__ alpha,
                                 int64_t N, int64_t n_src, int64_t H, int64_t k, T* __restrict__ f,
                                 T* __restrict__ h, T* __restrict__ mask_mix, T* __restrict__ u_mix) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* pmix = reinterpret_cast<T*>(smem);
   const int64_t r = blockIdx.x, Hk = H * k;
   if (r < N) {
     const T* yr = y + r * Hk;
@@ -65,18 +64,10 @@ __global__ void rows_fwd_kernel(const T* __restrict__ y, const T* __restrict__ p
   const T a = alpha[i], b = T(1) - alpha[i];
   const T* ys = y + i * Hk;
   const T* yt = y + (n_src + i) * Hk;
-  if (p) {
-    for (int64_t c = threadIdx.x; c < k; c += blockDim.x) pmix[c] = a * p[i * k + c] + b * p[(n_src + i) * k + c];
-    __syncthreads();
-  }
+  const T* ps = p ? p + i * k : nullptr;
+  const T* pt = p ? p + (n_src + i) * k : nullptr;
   for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
-    double s = 0;
-    if (p) {
-      for (int64_t c = 0; c < k; ++c) s += static_cast<double>(pmix[c]) * (a * ys[j * k + c] + b * yt[j * k + c]);
-    } else {
-      s = a * ys[j] + b * yt[j];
-    }
-    const bool on = b1[j] + static_cast<T>(s) > T(0);
+    const bool on = a * preact(ys, ps, j, k, b1[j]) + b * preact(yt, pt, j, k, b1[j]) > T(0);
     mask_mix[i * H + j] = on ? T(1) : T(0);
     u_mix[i * H + j] = on ? w2[j] : T(0);
   }
@@ -174,9 +165,8 @@ void launch_critic_rows_fwd(const T* y, const T* p, const T* b1, const T* w2, co
                             const T* alpha, int64_t N, int64_t n_src, int64_t K, int64_t H, int64_t k, T* f, T* h,
                             T* mask_mix, T* u_mix, T* estimate, cudaStream_t stream) {
   if (N + K > kMaxGrid) return;  // the binding rejects such sizes first
-  const size_t smem = p ? static_cast<size_t>(k) * sizeof(T) : 0;
-  rows_fwd_kernel<T><<<static_cast<unsigned>(N + K), kThreads, smem, stream>>>(y, p, b1, w2, b2, alpha, N, n_src, H,
-                                                                             k, f, h, mask_mix, u_mix);
+  rows_fwd_kernel<T><<<static_cast<unsigned>(N + K), kThreads, 0, stream>>>(y, p, b1, w2, b2, alpha, N, n_src, H, k,
+                                                                          f, h, mask_mix, u_mix);
   dot_kernel<T><<<1, kThreads, 0, stream>>>(coef, f, N, 1.0, estimate);
 }
 

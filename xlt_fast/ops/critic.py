@@ -7,8 +7,9 @@ as ``(H*k, d)``, ``y = z W1v^T`` is one GEMM and ``h_j = b1_j + sum_c p_c y[j*k 
 
 Forward (N = n + m rows, K = min(n, m) interpolated rows, ``m_i = 1[h~_i > 0]``):
   * ``estimate = sum_r coef_r f(x_r)``, ``coef = (w / Z, -1/m)`` with ``Z = sum w`` or ``n``;
-  * ``h~_i = a_i h_s,i + (1 - a_i) h_t,i`` needs no GEMM: W1 x is linear in z, so
-    ``y(z~) = a y_s + (1 - a) y_t`` and, with CDAN, ``h~ = b1 + sum_c p~_c y(z~)_c``;
+  * ``x~_i = a_i x_s,i + (1 - a_i) x_t,i`` on the segment between the critic inputs (with CDAN the
+    conditioned inputs ``p ⊗ z``, as the IWDA authors' code); its pre-activation needs no GEMM:
+    ``h~_i = a_i h_s,i + (1 - a_i) h_t,i`` since W1 is linear;
   * ``g_i = ∇_x f(x~_i) = W1^T u_i`` with ``u_i = m_i ⊙ w2`` (one GEMM), ``penalty = mean_i |g_i|^2``.
 
 Backward of the penalty P (the input gradient is piecewise constant in W1, b1 and x, so the
@@ -289,9 +290,9 @@ def critic_gp(critic_params: CriticParams, z_src: Tensor, z_tgt: Tensor, p_src: 
     """Importance-weighted Wasserstein-1 estimate and zero-centred gradient penalty (seed 000, App. C.1).
 
     ``w1_estimate = sum_i w_i f(xs_i) / Z - mean_j f(xt_j)`` with ``Z = sum_i w_i`` or ``Z = n``, and
-    ``penalty = mean_{i < K} |∇_x f(x~_i)|^2``, ``K = min(n, m)``, ``z~_i = a_i zs_i + (1 - a_i) zt_i``
-    (with CDAN ``p~_i`` likewise and ``x~_i = p~_i ⊗ z~_i``: the gradient is w.r.t. the whole
-    conditioned input). The IWDA critic maximises ``estimate - mu * penalty``.
+    ``penalty = mean_{i < K} |∇_x f(x~_i)|^2``, ``K = min(n, m)``, ``x~_i = a_i xs_i + (1 - a_i) xt_i``
+    with ``x = z``, or with CDAN the conditioned input ``x = p ⊗ z`` (interpolated as a whole, as the
+    IWDA authors' code; the gradient is w.r.t. it). The IWDA critic maximises ``estimate - mu * penalty``.
 
     Args:
         critic_params: a :class:`xlt_fast.nn.WassersteinCritic` or ``(W1, b1, w2, b2)`` of shapes

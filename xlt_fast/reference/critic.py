@@ -34,9 +34,9 @@ def critic_gp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, z_src: Tensor, z_t
 
     ``w1_estimate = sum_i w_i f(xs_i) / Z - mean_j f(xt_j)`` (``w = 1`` without weights) with
     ``Z = sum_i w_i`` (``normalize="sum_w"``) or ``Z = n`` (``normalize="n"``, the IWDA authors' code),
-    ``penalty = mean_{i < min(n,m)} |∇_x f(x~_i)|^2`` with ``z~_i = a_i zs_i + (1 - a_i) zt_i``,
-    ``p~_i = a_i ps_i + (1 - a_i) pt_i`` and ``x~_i = p~_i ⊗ z~_i`` (CDAN: z and p interpolated alike,
-    gradient w.r.t. the whole conditioned input).
+    ``penalty = mean_{i < min(n,m)} |∇_x f(x~_i)|^2`` with ``x~_i = a_i xs_i + (1 - a_i) xt_i`` on
+    the segment between the critic's inputs (with CDAN ``x = p ⊗ z``: the conditioned inputs are
+    interpolated, as the IWDA authors' code does; spec A.2h).
 
     With ``detach_penalty_features`` (the IWDA code's convention) the penalty sees the features
     as constants; otherwise its gradient also flows to them (it is zero almost everywhere for this
@@ -55,9 +55,9 @@ def critic_gp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, z_src: Tensor, z_t
     if detach_penalty_features:
         zs, zt = zs.detach(), zt.detach()
     a = alpha.unsqueeze(-1)
-    z_mix = a * zs + (1 - a) * zt
-    p_mix = None if p_src is None else a * p_src[:k] + (1 - a) * p_tgt[:k]
-    x_mix = conditioned_input(z_mix, p_mix)
+    x_src = conditioned_input(zs, None if p_src is None else p_src[:k])
+    x_tgt = conditioned_input(zt, None if p_tgt is None else p_tgt[:k])
+    x_mix = a * x_src + (1 - a) * x_tgt
     if not x_mix.requires_grad:
         x_mix = x_mix.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(w1, b1, w2, b2, x_mix).sum(), x_mix, create_graph=True)
