@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 
-def make_tiny_encoder(path: Path, texts: list[str], seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
-    """Save a ``BertModel`` (``layers`` x ``hidden``) and a ``PreTrainedTokenizerFast`` whose vocabulary
-    is the words of ``texts`` (others map to [UNK]) under ``path``."""
+def make_tiny_encoder(path: Path, texts: list[str], seed: int = 0, layers: int = 2, hidden: int = 32,
+                      pooler: bool = False) -> Path:
+    """Save a ``BertModel`` (``layers`` x ``hidden``, with a pooler if asked) and a
+    ``PreTrainedTokenizerFast`` whose vocabulary is the words of ``texts`` (others map to [UNK])."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
@@ -26,7 +27,7 @@ def make_tiny_encoder(path: Path, texts: list[str], seed: int = 0, layers: int =
     torch.manual_seed(seed)
     model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                                  num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=130),
-                      add_pooling_layer=False)
+                      add_pooling_layer=pooler)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     fast.save_pretrained(path)

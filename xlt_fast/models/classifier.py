@@ -19,29 +19,27 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the {n} transformer layers of {type(model).__name__}")
 
 
-def freeze_lower_layers(model: nn.Module, trainable_layers: int) -> None:
-    """Train only the top ``trainable_layers`` transformer layers (and what follows them, e.g. a
-    pooler); the embeddings and every lower layer get ``requires_grad = False``."""
+def freeze_lower_layers(model: nn.Module, trainable_layers: int, also: tuple[nn.Module, ...] = ()) -> None:
+    """Train only the top ``trainable_layers`` transformer layers and the modules ``also`` (e.g. the
+    pooler, when it is used); the embeddings, every lower layer and every unused module (a pooler
+    nobody reads would leave DistributedDataParallel with parameters that get no gradient) get
+    ``requires_grad = False``."""
     layers = transformer_layers(model)
     if not 0 <= trainable_layers <= len(layers):
         raise ValueError(f"trainable_layers must be in 0..{len(layers)}, got {trainable_layers}")
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in list(layers)[len(layers) - trainable_layers:]:
-        for p in layer.parameters():
+    for module in list(layers)[len(layers) - trainable_layers:] + list(also):
+        for p in module.parameters():
             p.requires_grad_(True)
-    after = False
-    for name, child in model.named_children():  # modules after the layer stack (e.g. pooler)
-        if after and trainable_layers > 0:
-            for p in child.parameters():
-                p.requires_grad_(True)
-        after = after or any(m is layers for m in child.modules())
 
 
 class EncoderClassifier(nn.Module):
-    """``z = pool(encoder(prefix + text))`` (mean over real tokens, or the first token),
-    ``logits = W drop(z) + b``; ``forward(batch) -> (z, logits)`` with ``batch`` from :meth:`collate`.
-    Seed 000 pools [CLS] for mBERT; e5 models are trained with mean pooling."""
+    """``z = pool(encoder(prefix + text))``: the mean over real tokens (``"mean"``, how e5 models are
+    trained), the first token (``"cls"``) or the encoder's own pooler output (``"pooler"``, tanh of a
+    dense layer on [CLS]: what the IWDA authors' code uses for mBERT, spec A.1); then
+    ``logits = W drop(z) + b``. ``forward(batch) -> (z, logits)`` with ``batch`` from :meth:`collate`.
+    The encoder starts in training mode (dropout on), as a freshly built module does."""
 
     def __init__(self, encoder: Encoder, num_classes: int, pooling: str = "mean", trainable_layers: int = 12,
                  dropout: float = 0.1, prefix: str = "", max_length: int = 128) -> None:
@@ -49,14 +47,21 @@ class EncoderClassifier(nn.Module):
         self.encoder = encoder.model
         self.tokenizer = encoder.tokenizer
         self.pooling, self.prefix, self.max_length = pooling, prefix, max_length
-        freeze_lower_layers(self.encoder, trainable_layers)
+        pooler = getattr(self.encoder, "pooler", None)
+        if pooling == "pooler" and pooler is None:
+            raise ValueError(f"pooling='pooler': encoder {encoder.name!r} has no pooler (use 'mean' or 'cls')")
+        freeze_lower_layers(self.encoder, trainable_layers, (pooler,) if pooling == "pooler" else ())
         self.dropout = nn.Dropout(dropout)
         self.h = nn.Linear(encoder.hidden_size, num_classes)
         self.feature_size = encoder.hidden_size
+        self.train()  # load_encoder returns the model in eval mode
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        z = pool(hidden, batch["attention_mask"], self.pooling)
+        out = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if self.pooling == "pooler":
+            z = out.pooler_output
+        else:
+            z = pool(out.last_hidden_state, batch["attention_mask"], self.pooling)
         return z, self.h(self.dropout(z))
 
     def collate(self, parts: Sequence[tuple[Sequence[str], Tensor]]) -> dict[str, Tensor]:

@@ -13,6 +13,7 @@ confusion matrix ``C[i, j]`` and the target prediction histogram ``t``. The esti
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -52,6 +53,13 @@ def solve_weights_qp(confusion: np.ndarray, target_hist: np.ndarray, source_prio
     res = minimize(lambda w: w @ P @ w - 2 * q @ w, np.ones(k), jac=lambda w: 2 * (P @ w - q), method="SLSQP",
                    bounds=[(0, None)] * k, constraints=[{"type": "eq", "fun": lambda w: p @ w - 1, "jac": lambda w: p}],
                    options={"ftol": 1e-14, "maxiter": 1000})
+    if not res.success:  # fall back to projected gradient descent, exact projection (slow but sure)
+        warnings.warn(f"solve_weights_qp: SLSQP did not converge ({res.message}); using projected gradient descent")
+        w, step = torch.ones(k, dtype=torch.float64), 1 / (2 * np.linalg.eigvalsh(P).max() + 1e-12)
+        Pt, qt, pt = (torch.as_tensor(a) for a in (P, q, p))
+        for _ in range(20000):
+            w = project_weights(w - step * 2 * (Pt @ w - qt), pt, "euclidean")
+        return w.numpy()
     w = np.clip(res.x, 0, None)
     return w / (p @ w)
 
@@ -60,12 +68,13 @@ def project_weights(w: Tensor, source_prior: Tensor, method: Projection = "clamp
     """Map ``w`` back to ``{w >= 0, p_S^T w = 1}``.
 
     ``"clamp"``: ``max(w, 0)`` then divide by ``p_S^T w`` (the IWDA authors' code; not the nearest
-    point). ``"euclidean"``: the nearest point, ``w_i = max(0, v_i - lam p_i)`` with ``lam`` solving
+    point; if no weight is positive, w = 1). ``"euclidean"``: the nearest point, ``w_i = max(0, v_i - lam p_i)`` with ``lam`` solving
     ``sum_i p_i max(0, v_i - lam p_i) = 1`` (exact, from the sorted breakpoints ``v_i / p_i``).
     """
     if method == "clamp":
         w = w.clamp_min(0)
-        return w / (source_prior * w).sum()
+        total = (source_prior * w).sum()
+        return torch.where(total > 0, w / total.clamp_min(1e-300), torch.ones_like(w))  # all <= 0: no shift
     p, v = source_prior, w
     breaks, _ = torch.sort(v / p)
     # g(lam) = sum_i p_i relu(v_i - lam p_i) decreases from +inf to 0; g at every breakpoint:

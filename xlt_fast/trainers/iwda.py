@@ -9,8 +9,9 @@ Phases (each variant runs a subset):
   batch and a target batch:
   ``L_cls = CE(h(g(x_s)), y_s)`` (not weighted, Eq. 4);
   ``Delta = (1/n) sum_i w~[y_i] f(g(x_i) (x) p_i) - (1/m) sum_j f(g(x'_j) (x) p'_j)`` (App. C.1, the
-  per-sample weighting of the authors' code; ``critic_normalize="sum_w"`` divides by ``sum w``
-  instead) and the zero-centred penalty ``GP = mean ||grad f(u~)||^2``, both from
+  per-sample weighting of the authors' code; ``critic_normalize="sum_w"`` divides by ``sum w`` over
+  the global batch instead) and the zero-centred penalty ``GP = mean ||grad f(u~)||^2`` on the
+  segment between paired CDAN inputs, both from
   :func:`xlt_fast.critic_gp` (closed-form penalty gradients: no double backward), with CDAN inputs
   ``g(x) (x) softmax(h(g(x)))`` (softmax detached) never materialised;
   the critic ascends ``s Delta - mu GP`` (``s = lambda_da``, the paper's formula; ``critic_scale="one"``:
@@ -20,7 +21,9 @@ Phases (each variant runs a subset):
   decoupled weight decay ``lambda_iw`` on delta (the xi regulariser, App. C.1) and a linearly
   decaying lr (Sec. 3, fix 2), projected back to ``{w >= 0, p_S^T w = 1}`` after every step (fix 1).
   Updates are simultaneous (one backward, A.2 step 2i); ``n_critic > 1`` alternates that many
-  critic steps with one feature step (App. A.2, Table 5).
+  critic steps with one feature step (App. A.2, Table 5). ``lambda_da = 0`` trains no critic (none
+  could change the model): the stage is then a source-only continuation, the control that
+  separates alignment from the stage's extra epochs of source training.
 * ``st`` (A.4; Dong & de Melo 2019): self-training from the current model: each of
   ``st_iterations`` rounds adds the most confident ``st_fraction`` of the target pool (class-balanced
   by predicted label, labels fixed once chosen), and every step trains on a source batch plus a
@@ -83,14 +86,17 @@ class IWDAConfig(TrainerConfig):
     n_dev: int = arg(600, "size of the target dev set (target priors); for choices", ge=8)
     n_source: int = arg(0, "source examples drawn (natural prior) from source_split; 0 = all", ge=0)
     n_source_eval: int = arg(1000, "source dev examples for monitoring and the feature shift (Eq. 1)", ge=8)
-    source_split: str = arg("train_a", "split of the labelled source data (train_a: train half A)")
-    target_split: str = arg("train_b", "split of the unlabelled target pool (train_b: the other half)")
+    source_split: Literal["train_a", "train_b"] = arg("train_a", "half of the train chapters for the labelled source")
+    target_split: Literal["train_a", "train_b"] = arg("train_b", "the other half, for the unlabelled target pool "
+                                                      "(no translation of a source verse in the pool; spec C.1)")
     data_seed: int = arg(0, "seed of the data subsamples (separate from seed, so seeds share data)", ge=0)
     # model
     mode: Literal["frozen", "finetune"] = arg("frozen", "frozen: MLP g on cached encoder features; "
                                               "finetune: fine-tune the encoder's top layers")
     feature_layer: int = arg(12, "frozen mode: encoder layer of the cached features (0 = embeddings)", ge=0)
-    pooling: Literal["mean", "cls"] = arg("mean", "sentence pooling (e5: mean; seed 000 uses [CLS] for mBERT)")
+    pooling: Literal["mean", "cls", "pooler"] = arg(
+        "mean", "sentence pooling: mean (e5), cls (first token) or pooler (finetune: the encoder's tanh pooler, "
+        "what the authors' code uses for mBERT)")
     prefix: str = arg("query: ", "text prefix (e5 expects 'query: ')")
     max_length: int = arg(128, "max tokens per text", ge=8)
     hidden: int = arg(384, "frozen mode: width of g's hidden layer (spec C.1)", ge=1)
@@ -121,7 +127,8 @@ class IWDAConfig(TrainerConfig):
         "auto", "critic_gp backend: auto = the fused kernels (closed-form penalty gradients); reference = "
         "materialised CDAN input + autograd double backward, the usual implementation")
     cdan: bool = arg(True, "condition the critic on softmax outputs (CDAN, [paper] C.1)")
-    n_critic: int = arg(1, "1: simultaneous updates; k > 1: k critic steps per feature step (App. A.2)", ge=1)
+    n_critic: int = arg(1, "1: simultaneous updates; k > 1: k critic steps per feature step (App. A.2); epochs "
+                        "count feature steps, so the source is read (k + 1) * epochs times", ge=1)
     lr_iw: float = arg(5e-4, "lr of the weights, linearly decayed ([paper] C.2, Sec. 3)", gt=0)
     lambda_iw: float = arg(2.0, "weight decay of w - w0, the xi regulariser ([paper] C.2: 2; A.2: 1)", ge=0)
     lambda_iw_init: float = arg(0.25, "rho in w0 = (1 - rho) w_qp + rho ([paper] C.2)", ge=0, le=1)
@@ -152,11 +159,13 @@ class IWDAConfig(TrainerConfig):
             resolve_priors(self.target_priors, np.full(len(GENRES), 1 / len(GENRES)), GENRES)
         except ValueError as exc:
             problems.append(f"target_priors: {exc}")
-        for name in ("source_split", "target_split"):
-            if getattr(self, name) not in ("train", "train_a", "train_b"):
-                problems.append(f"{name}: expected train, train_a or train_b, got {getattr(self, name)!r}")
-        if self.source_split == self.target_split and self.source_split != "train":
+        if self.source_split == self.target_split:
             problems.append("target_split: must differ from source_split (disjoint halves, spec C.1)")
+        for name in ("n_target", "n_source"):
+            if 0 < getattr(self, name) < self.batch_size:
+                problems.append(f"{name}: must be >= batch_size ({self.batch_size}), got {getattr(self, name)}")
+        if self.pooling == "pooler" and self.mode == "frozen":
+            problems.append("pooling: 'pooler' needs mode='finetune' (the cached features are mean or cls pooled)")
         return problems
 
 
@@ -241,9 +250,14 @@ ZS_FIELDS = ("source_lang", "seed", "encoder", "device", "max_steps", "n_source"
              "batch_size", "weight_decay", "warmup_ratio", "zs_epochs", "zs_lr")
 
 
-def _adamw(params, **kw) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (one pass over all tensors; 3-4x faster than the default on CPU)."""
-    return torch.optim.AdamW(params, fused=True, **kw)
+def _adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW on the trainable parameters of ``module``, weight decay on all but biases and LayerNorm
+    weights (as the IWDA authors' code), with the fused kernel (3-4x faster than the default on CPU)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    plain = [p for n, p in named if "bias" in n or "LayerNorm.weight" in n]
+    decayed = [p for n, p in named if not ("bias" in n or "LayerNorm.weight" in n)]
+    return torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}],
+                             lr=lr, fused=True)
 
 
 def _steps(cfg: IWDAConfig, epochs: float, batches_per_epoch: int) -> int:
@@ -293,12 +307,11 @@ def build_state(cfg: IWDAConfig, ctx: Context, data: Data) -> State:
         _init_from(cfg, model)
     modules: dict[str, nn.Module] = {"model": model}
     optimizers, schedulers = {}, {}
-    trainable = [p for p in model.parameters() if p.requires_grad]
     bpe = len(data.source) // cfg.batch_size
     names = phase_names(cfg)
     if "zs" in names:
         ctx.stream("zs/source", len(data.source), cfg.batch_size)
-        optimizers["zs"] = _adamw(trainable, lr=cfg.zs_lr, weight_decay=cfg.weight_decay)
+        optimizers["zs"] = _adamw(model, cfg.zs_lr, cfg.weight_decay)
         schedulers["zs"] = warmup_linear(optimizers["zs"], _steps(cfg, cfg.zs_epochs, bpe), cfg.warmup_ratio)
     if "iwda" in names:
         steps = _steps(cfg, cfg.epochs, bpe)
@@ -312,36 +325,37 @@ def build_state(cfg: IWDAConfig, ctx: Context, data: Data) -> State:
         iw = ImportanceWeights(torch.as_tensor(data.source_prior), init, cfg.iw_ema_rate,
                                trainable=cfg.variant in ESTIMATED).to(ctx.device)
         modules.update(critic=critic, iw=iw)
-        optimizers["model"] = _adamw(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizers["model"] = _adamw(model, cfg.lr, cfg.weight_decay)
         schedulers["model"] = warmup_linear(optimizers["model"], steps, cfg.warmup_ratio)
-        optimizers["critic"] = _adamw(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
+        optimizers["critic"] = _adamw(critic, cfg.critic_lr, cfg.weight_decay)
         if cfg.variant in ESTIMATED:
-            optimizers["iw"] = _adamw([iw.delta], lr=cfg.lr_iw, weight_decay=cfg.lambda_iw)
+            optimizers["iw"] = torch.optim.AdamW([iw.delta], lr=cfg.lr_iw, weight_decay=cfg.lambda_iw, fused=True)
             schedulers["iw"] = warmup_linear(optimizers["iw"], steps, 0.0)
     if "st" in names:
         ctx.stream("st/source", len(data.source), cfg.batch_size)
-        optimizers["st"] = _adamw(trainable, lr=cfg.st_lr, weight_decay=cfg.weight_decay)
+        optimizers["st"] = _adamw(model, cfg.st_lr, cfg.weight_decay)
         schedulers["st"] = warmup_linear(optimizers["st"], _steps(cfg, cfg.st_epochs, bpe), cfg.warmup_ratio)
         modules["pseudo"] = PseudoLabels(len(data.target)).to(ctx.device)
     generators = {"critic": generator(cfg.seed, "critic"), "st": generator(cfg.seed, "st")}
     parallel = {"model": ctx.wrap(model)}
     if "critic" in modules:
-        parallel["critic"] = ctx.wrap(CriticLoss(modules["critic"], cfg.critic_normalize, cfg.critic_backend))
+        parallel["critic"] = ctx.wrap(CriticLoss(modules["critic"], cfg.critic_backend))
     return State(modules=modules, optimizers=optimizers, schedulers=schedulers, generators=generators,
                  data=data, parallel=parallel)
 
 
 class CriticLoss(nn.Module):
     """``(Delta, GP) = critic_gp(...)`` as a module call, so that ``DistributedDataParallel`` sees a
-    forward and all-reduces the critic's gradients."""
+    forward and all-reduces the critic's gradients. The source term is divided by the number of
+    source rows (``normalize="n"``); a ``sum_w`` normalisation is applied to the weights beforehand
+    over the global batch, so that one process and several agree."""
 
-    def __init__(self, critic: WassersteinCritic, normalize: str, backend: str) -> None:
+    def __init__(self, critic: WassersteinCritic, backend: str) -> None:
         super().__init__()
-        self.critic, self.normalize, self.backend = critic, normalize, backend
+        self.critic, self.backend = critic, backend
 
     def forward(self, zs, zt, ps, pt, weight, alpha):
-        return self.critic.critic_gp(zs, zt, ps, pt, weight, alpha=alpha, normalize=self.normalize,
-                                     backend=self.backend)
+        return self.critic.critic_gp(zs, zt, ps, pt, weight, alpha=alpha, normalize="n", backend=self.backend)
 
 
 class PseudoLabels(nn.Module):
@@ -392,7 +406,9 @@ def _iwda_enter(cfg: IWDAConfig, state: State, ctx: Context) -> dict[str, Any]:
     k = logits_s.shape[1]
     C0 = confusion_counts(logits_s.argmax(1), src.labels, k).cpu().numpy()
     t0 = prediction_counts(logits_t.argmax(1), k).cpu().numpy()
-    w_qp = torch.as_tensor(solve_weights_qp(C0, t0, state.data.source_prior))
+    # weights relative to the prior of the data the confusion matrix counts, then to the training source's
+    src_prior = src.dataset.priors()
+    w_qp = torch.as_tensor(solve_weights_qp(C0, t0, src_prior) * src_prior / state.data.source_prior)
     iw.reset((1 - cfg.lambda_iw_init) * w_qp + cfg.lambda_iw_init)
     return {"w_qp": w_qp.tolist(), "w0": iw.weights.tolist(), **_iw_quality(state)}
 
@@ -404,6 +420,8 @@ def _ramp(t: int, total: int, ratio: float) -> float:
 def _iwda_step(cfg: IWDAConfig, steps: int, state: State, ctx: Context) -> dict[str, float]:
     """One step: simultaneous updates, or ``n_critic`` critic-only steps (each on fresh batches) then a
     feature step with the critic fixed (App. A.2)."""
+    if cfg.lambda_da == 0:  # nothing reaches the features from a critic: train none (a source-only control)
+        return _alignment_step(cfg, steps, state, ctx, ("model",))
     if cfg.n_critic == 1:
         return _alignment_step(cfg, steps, state, ctx, ("model", "critic"))
     critic = [_alignment_step(cfg, steps, state, ctx, ("critic",))["w1"] for _ in range(cfg.n_critic)]
@@ -436,15 +454,19 @@ def _alignment_step(cfg: IWDAConfig, steps: int, state: State, ctx: Context, upd
         iw.update_statistics(counts[: k * k].reshape(k, k), counts[k * k:])
     a_t = _ramp(t, steps, cfg.iw_warmup_ratio)
     weight = (a_t * iw.weights.detach() + (1 - a_t))[y_s].to(z.dtype)
+    if cfg.critic_normalize == "sum_w":  # divide by sum(w) over the global batch (CriticLoss divides by n)
+        weight = weight * (cfg.batch_size / ctx.dist.all_reduce_sum(weight.sum().reshape(1)))
     lam_t = cfg.lambda_da * _ramp(t, steps, cfg.da_warmup_ratio)
     s = cfg.lambda_da if cfg.critic_scale == "lambda_da" else 1.0
-    # the features receive lambda_t dDelta/dz through the reversal; the critic ascends s Delta - mu GP
-    zc = grad_reverse(z, lam_t / s) if features and s > 0 else z.detach()
-    alpha = ctx.share(torch.rand(cfg.batch_size, generator=state.generators["critic"])).to(z)
-    ps, pt = (p[:n], p[n:]) if cfg.cdan else (None, None)
-    w1, gp = state.parallel["critic"](zc[:n], zc[n:], ps, pt, weight, alpha)
-    loss = -(s * w1 - cfg.lambda_gp * gp)
-    values = {"w1": w1.item(), "gp": gp.item()}
+    loss, values = torch.zeros((), device=z.device), {}
+    if cfg.lambda_da > 0:
+        # the features receive lambda_t dDelta/dz through the reversal; the critic ascends s Delta - mu GP
+        zc = grad_reverse(z, lam_t / s) if features and s > 0 else z.detach()
+        alpha = ctx.share(torch.rand(cfg.batch_size, generator=state.generators["critic"])).to(z)
+        ps, pt = (p[:n], p[n:]) if cfg.cdan else (None, None)
+        w1, gp = state.parallel["critic"](zc[:n], zc[n:], ps, pt, weight, alpha)
+        loss = -(s * w1 - cfg.lambda_gp * gp)
+        values = {"w1": w1.item(), "gp": gp.item()}
     if features:
         loss_cls = F.cross_entropy(logits[:n], y_s)
         loss = loss + loss_cls
@@ -467,7 +489,7 @@ def _st_select(cfg: IWDAConfig, state: State, ctx: Context) -> int:
     _, logits = predict(state, ctx, state.data.target)
     conf, pred = torch.softmax(logits, 1).max(1)
     k = logits.shape[1]
-    per_class = max(1, round(cfg.st_fraction * len(state.data.target) / k))
+    per_class = max(1, int(cfg.st_fraction * len(state.data.target) / k + 0.5))
     for c in range(k):
         candidates = ((pred == c) & ~pseudo.selected).nonzero().flatten()
         top = candidates[conf[candidates].argsort(descending=True)[:per_class]]

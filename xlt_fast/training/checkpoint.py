@@ -97,8 +97,10 @@ def read_progress(path: Path) -> dict[str, Any]:
     return json.loads((path / "progress.json").read_text())
 
 
-def load(path: Path, rank: int, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(payload, rng_state)`` of checkpoint ``path`` for ``rank`` (tensors only: weights_only)."""
-    payload = torch.load(path / "state.pt", map_location=device, weights_only=True)
+def load(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(payload, rng_state)`` of checkpoint ``path`` for ``rank`` (tensors only: weights_only), on
+    the CPU: ``load_state_dict`` moves module and optimizer tensors to their device, and generator
+    states must stay CPU byte tensors."""
+    payload = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     rng = torch.load(path / f"rng-{rank}.pt", map_location="cpu", weights_only=True)
     return payload, rng

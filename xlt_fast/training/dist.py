@@ -8,6 +8,7 @@ gloo backend, CUDA ones NCCL.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Any, Iterator
 
@@ -66,13 +67,24 @@ class Dist:
         if not self.enabled or not any(p.requires_grad for p in module.parameters()):
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                   else {"broadcast_buffers": False})  # torch < 2.13 has only the older name
+        return ddp(module, device_ids=ids, **no_sync)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` over the ranks (in place; returned)."""
         if self.enabled:
             tdist.all_reduce(tensor)
         return tensor
+
+    def mean_values(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean over the ranks of each logged number (every rank passes the same names)."""
+        if not self.enabled or not values:
+            return values
+        t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t)
+        return dict(zip(values, (t / self.world_size).tolist()))
 
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank."""

@@ -4,8 +4,9 @@ The cache is keyed by (model fingerprint, layer, pooling, prefix, max_length, co
 inside a key, by text: each row is stored under the hash of its text, so a new request encodes only
 the texts no earlier request did (a grid of runs on overlapping subsets encodes each verse once).
 Rows live in part files ``part-<digest>.pt``, each with a manifest ``part-<digest>.json`` (row count
-and sha256 of the part) written after it, both atomically; a part whose manifest is missing or
-does not match (an interrupted write, a corrupt file) is deleted and its rows are encoded again.
+and sha256 of the part) written after it, both atomically; a part without a manifest (an
+interrupted write, or one still being written) is not read, and one whose manifest does not match
+(a corrupt file) is deleted; their rows are encoded again.
 A different model (other weights), layer, pooling or prefix is another key, so a stale row is never
 returned. In a multi-process job rank 0 encodes and the others read after it.
 
@@ -94,6 +95,10 @@ class FeatureCache:
             if part.name in seen:
                 continue
             manifest = part.with_suffix(".json")
+            if not manifest.is_file():
+                # being written by another process, or left by an interrupted write: its rows are
+                # encoded again and the part (named after its rows) rewritten with a manifest
+                continue
             try:
                 meta = json.loads(manifest.read_text())
                 blob = part.read_bytes()

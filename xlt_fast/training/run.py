@@ -398,7 +398,7 @@ def _run_phase(trainer: Trainer, phase: Phase, state: State, ctx: Context, log: 
     window = state.window
     try:
         while state.phase_step < phase.steps:
-            values = phase.step(state, ctx)
+            values = ctx.dist.mean_values(phase.step(state, ctx))
             state.step += 1
             state.phase_step += 1
             for k, v in values.items():
@@ -455,7 +455,7 @@ def _restore(state: State, phases: list[Phase], path: Path, cfg: TrainerConfig, 
         problems.append("no optimizer states (save_optimizer was false), so it cannot continue mid-phase")
     if problems:
         raise ValueError(f"--resume: checkpoint {path} cannot continue this run: " + "; ".join(problems))
-    payload, rng = checkpoint.load(path, dist.rank, dist.device)
+    payload, rng = checkpoint.load(path, dist.rank)
     state.load_payload(payload, progress["with_optimizers"])
     checkpoint.set_rng_state(rng)
     for name, position in progress["streams"].items():
