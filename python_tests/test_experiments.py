@@ -73,7 +73,7 @@ def test_iwda_experiment_end_to_end(tmp_path):
     assert len(details["records"]) == 2 * 2  # 2 priors x 2 seeds
     assert (tmp_path / "iwda_prior_shift.png").stat().st_size > 10_000
     runs = sorted(p.parent for p in tmp_path.glob("runs/**/results.json"))
-    assert len(runs) == 2 + 2 + 2 * 2 * 5  # zero-shot models, sweep, grid
+    assert len(runs) == 2 + 2 + 2 * 2 * 6  # zero-shot models, sweep, grid (6 methods)
     again = exp.run(tmp_path, progress=False, settings=TINY)  # every run is reused
     assert [c.ours for c in again] == [c.ours for c in claims]
     assert json.loads((tmp_path / "details.json").read_text())["times"]["total_s"] < details["times"]["total_s"]

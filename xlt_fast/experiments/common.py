@@ -73,14 +73,15 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def write_claims(out_dir: Path, method: str, claims: Sequence[Claim], extra: dict[str, Any]) -> str:
-    """``claims.json`` (the list of claims, plus ``extra`` in ``details.json``) and ``claims.md``
-    (a table: claim, paper, ours, verdict); returns the Markdown."""
+def write_claims(out_dir: Path, method: str, claims: Sequence[Claim], details: dict[str, Any],
+                 markdown: str = "") -> str:
+    """``claims.json`` (the list of claims), ``details.json`` (``details``) and ``claims.md`` (a table:
+    claim, paper, ours, verdict; then ``markdown``); returns the Markdown."""
     atomic.write_json(out_dir / "claims.json", [dataclasses.asdict(c) for c in claims])
-    atomic.write_json(out_dir / "details.json", extra)
+    atomic.write_json(out_dir / "details.json", details)
     lines = [f"### {method}: claims", "", "| claim | paper | ours | verdict |", "|---|---|---|---|"]
     lines += [f"| {c.claim} | {c.paper} | {c.ours} | **{c.verdict}** |" for c in claims]
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + markdown
     atomic.write_text(out_dir / "claims.md", text)
     return text
 

@@ -89,7 +89,8 @@ class IWDAConfig(TrainerConfig):
     source_split: Literal["train_a", "train_b"] = arg("train_a", "half of the train chapters for the labelled source")
     target_split: Literal["train_a", "train_b"] = arg("train_b", "the other half, for the unlabelled target pool "
                                                       "(no translation of a source verse in the pool; spec C.1)")
-    data_seed: int = arg(0, "seed of the data subsamples (separate from seed, so seeds share data)", ge=0)
+    data_seed: int = arg(0, "seed of the source subsamples (separate from seed, so seeds share data)", ge=0)
+    target_seed: int = arg(0, "seed of the target pool, dev and test subsamples", ge=0)
     # model
     mode: Literal["frozen", "finetune"] = arg("frozen", "frozen: MLP g on cached encoder features; "
                                               "finetune: fine-tune the encoder's top layers")
@@ -209,13 +210,13 @@ def datasets(cfg: IWDAConfig) -> dict[str, ClassificationDataset]:
     tgt = cfg.target_lang
     source_dev = load_genre_task(cfg.source_lang, "dev")
     return {"source": source,
-            "target": _subsample(load_genre_task(tgt, cfg.target_split), prior, cfg.n_target, cfg.data_seed + 1,
+            "target": _subsample(load_genre_task(tgt, cfg.target_split), prior, cfg.n_target, cfg.target_seed + 1,
                                  "n_target/target_priors"),
             "source_dev": _subsample(source_dev, source_dev.priors(), min(cfg.n_source_eval, len(source_dev)),
                                      cfg.data_seed + 4, "n_source_eval"),
-            "target_dev": _subsample(load_genre_task(tgt, "dev"), prior, cfg.n_dev, cfg.data_seed + 3,
+            "target_dev": _subsample(load_genre_task(tgt, "dev"), prior, cfg.n_dev, cfg.target_seed + 3,
                                      "n_dev/target_priors"),
-            "target_test": _subsample(load_genre_task(tgt, "test"), prior, cfg.n_test, cfg.data_seed + 2,
+            "target_test": _subsample(load_genre_task(tgt, "test"), prior, cfg.n_test, cfg.target_seed + 2,
                                       "n_test/target_priors")}
 
 
