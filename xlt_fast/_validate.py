@@ -1,4 +1,17 @@
-"""Input validation shared by every op: errors name the argument and what was expected."""
+"""Input validation shared by every op: errors name the argument and what was expected.
+
+Non-finite inputs, the policy every public op follows:
+
+* every floating input's **real** entries are checked for NaN and inf, and one ``ValueError``
+  names the first offending argument; entries marked as padding by a mask are not real and are
+  never checked, read for a value or reached by a gradient (the op replaces them by zeros before
+  any backend sees them, so every backend agrees);
+* all of a call's value checks (finiteness, ranges, index bounds) are one device-side reduction
+  each, stacked and read back to the host once (:class:`Checks`): one synchronisation per call on
+  a GPU, none while tracing for ``torch.compile`` (checks need data, so they are skipped there);
+* ``check_finite=False`` on an op skips the finiteness checks (not the range checks), for hot
+  loops whose inputs were checked already.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -17,11 +30,65 @@ def floating(t: Tensor, name: str, op: str) -> None:
 
 
 def finite(t: Tensor, name: str, op: str) -> None:
-    """Reject NaN/inf. Skipped while tracing (torch.compile / fake tensors): the check needs data."""
-    if _tracing(t):
-        return
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{op}: {name} contains NaN or inf")
+    """Reject NaN/inf in ``t`` now (one read-back). Skipped while tracing."""
+    checks = Checks(op)
+    checks.finite(name, t)
+    checks.run()
+
+
+def masked(t: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``t`` with the entries of padded points (``mask`` False; ``mask`` has ``t``'s leading dims)
+    replaced by zeros: ``torch.where``, so no value and no gradient of theirs survives."""
+    if mask is None:
+        return t
+    while mask.dim() < t.dim():
+        mask = mask.unsqueeze(-1)
+    return torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+class Checks:
+    """The value checks of one op call, read back to the host together.
+
+    ``finite(name, t, mask)`` adds "the real entries of t are finite" (``mask``: True = real, over
+    t's leading dims); ``add(bad, message)`` adds any bool tensor (True = bad). ``run()`` raises the
+    ``ValueError`` of the first failed check, after one device-to-host transfer for all of them.
+    Nothing is checked while tracing (``torch.compile``, fake tensors).
+    """
+
+    def __init__(self, op: str, check_finite: bool = True) -> None:
+        self.op, self.check_finite = op, check_finite
+        self._flags: list[Tensor] = []
+        self._messages: list[str] = []
+        self._tracing: Optional[bool] = None
+
+    def _skip(self, t: Tensor) -> bool:
+        if self._tracing is None:
+            self._tracing = _tracing(t)
+        return self._tracing
+
+    def finite(self, name: str, t: Optional[Tensor], mask: Optional[Tensor] = None) -> None:
+        if t is None or not self.check_finite or self._skip(t) or t.numel() == 0:
+            return
+        ok = torch.isfinite(t.detach())
+        if mask is not None:
+            ok = ok.flatten(mask.dim()).all(-1) | ~mask if ok.dim() > mask.dim() else ok | ~mask
+        padded = "" if mask is None else " (padded entries, mask False, are not checked)"
+        self.add(~ok.all(), f"{name} contains NaN or inf{padded}; pass check_finite=False only for inputs "
+                            f"already checked")
+
+    def add(self, bad: Tensor, message: str) -> None:
+        if self._skip(bad):
+            return
+        self._flags.append(bad.reshape(()))
+        self._messages.append(message)
+
+    def run(self) -> None:
+        if not self._flags:
+            return
+        flags = torch.stack([f.to(torch.bool) for f in self._flags]).tolist()
+        for bad, message in zip(flags, self._messages):
+            if bad:
+                raise ValueError(f"{self.op}: {message}")
 
 
 def _tracing(t: Tensor) -> bool:
