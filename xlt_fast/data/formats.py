@@ -5,41 +5,86 @@ The ``datasets`` loaders need the ``datasets`` package and either the hub or a l
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
+import re
+from pathlib import Path
 from typing import Any, Sequence
 
 from xlt_fast.data.core import ClassificationDataset, PairDataset, TokenDataset
 
 TAG_SCHEMES = ("IOB1", "IOB2", "BIOES")
+_INT = re.compile(r"-?[0-9]+")
+_Rows = list[tuple[int, dict]]  # (1-based line number, fields) of every record of a file
 
+
+# --- shared by every local-file reader ----------------------------------------------------------
+
+def file_error(message: str, path: str | os.PathLike, line: int | None = None,
+               column: int | None = None) -> ValueError:
+    """``ValueError("{path}, line {line}, column {column}: {message}")``, the parts that apply
+    (1-based): the form of every reader error."""
+    where = [str(path)] + [f"{name} {n}" for name, n in (("line", line), ("column", column))
+                           if n is not None]
+    return ValueError(f"{', '.join(where)}: {message}")
+
+
+def read_lines(path: str | os.PathLike, encoding: str = "utf-8") -> list[str]:
+    """The lines of a text file without their ``\\n`` or ``\\r\\n``, a leading byte-order mark
+    removed; bytes that are not valid ``encoding`` raise a ``ValueError`` naming the line."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].decode(encoding, errors="replace").count("\n") + 1
+        raise file_error(f"byte {data[exc.start]:#04x} is not valid {encoding}; if the file has "
+                         "another encoding, pass it, e.g. encoding='latin-1'", path,
+                         line) from None
+    lines = text.removeprefix("\ufeff").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+# --- CoNLL --------------------------------------------------------------------------------------
 
 def read_conll(path: str | os.PathLike, token_column: int = 0, tag_column: int = -1,
-               scheme: str = "IOB2", convert_to: str | None = None) -> TokenDataset:
-    """Sentences of a CoNLL file: one token per line (whitespace-separated columns), a blank
-    line between sentences, ``-DOCSTART-`` lines skipped. Tags are checked against ``scheme``
-    and converted to ``convert_to`` if given."""
+               scheme: str = "IOB2", convert_to: str | None = None, *,
+               encoding: str = "utf-8") -> TokenDataset:
+    """Sentences of a CoNLL file: one token per line (whitespace-separated columns, as many on
+    every line), a blank line between sentences, ``-DOCSTART-`` lines skipped. Tags are checked
+    against ``scheme`` and converted to ``convert_to`` if given."""
     _check_scheme(scheme)
-    tokens, tags, words, labels = [], [], [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            cols = line.split()
-            if not cols or cols[0] == "-DOCSTART-":
-                if words:
-                    tokens.append(words)
-                    tags.append(labels)
-                    words, labels = [], []
-                continue
-            if len(cols) < 2:
-                raise ValueError(f"{path}:{lineno}: expected a token and a tag, got {line!r}")
-            words.append(cols[token_column])
-            labels.append(cols[tag_column])
-    if words:
-        tokens.append(words)
-        tags.append(labels)
-    for i, sent in enumerate(tags):
-        validate_tags(sent, scheme, where=f"{path}, sentence {i}")
+    if convert_to is not None:
+        _check_scheme(convert_to)
+    need = max(2, *(c + 1 if c >= 0 else -c for c in (token_column, tag_column)))
+    sentences: list[list[tuple[int, str, str]]] = [[]]  # (line, token, tag)
+    width = first = 0  # columns of the first token line, and its number
+    for lineno, line in enumerate(read_lines(path, encoding), 1):
+        cols = line.split()
+        if not cols or cols[0] == "-DOCSTART-":
+            if sentences[-1]:
+                sentences.append([])
+            continue
+        if not width:
+            if len(cols) < need:
+                raise file_error(f"{len(cols)} columns, expected at least {need} (token_column="
+                                 f"{token_column}, tag_column={tag_column})", path, lineno)
+            width, first = len(cols), lineno
+        elif len(cols) != width:
+            raise file_error(f"{len(cols)} columns, but line {first} has {width}", path, lineno)
+        sentences[-1].append((lineno, cols[token_column], cols[tag_column]))
+    sentences = [s for s in sentences if s]
+    if not sentences:
+        raise file_error("no sentences (the file is empty or has only blank and -DOCSTART- "
+                         "lines)", path)
+    for sent in sentences:
+        bad = _bad_tag([tag for _, _, tag in sent], scheme)
+        if bad is not None:
+            lineno, _, tag = sent[bad[0]]
+            raise file_error(f"tag {tag!r} {bad[1]}", path, lineno, tag_column % width + 1)
+    tokens = [[word for _, word, _ in sent] for sent in sentences]
+    tags = [[tag for _, _, tag in sent] for sent in sentences]
     if convert_to is not None:
         tags = [convert_tags(sent, scheme, convert_to) for sent in tags]
     return TokenDataset(tokens, tags)
@@ -47,6 +92,11 @@ def read_conll(path: str | os.PathLike, token_column: int = 0, tag_column: int =
 
 def write_conll(path: str | os.PathLike, data: TokenDataset) -> None:
     """Write ``token tag`` lines with a blank line between sentences."""
+    for i, (words, tags) in enumerate(zip(data.tokens, data.tags)):
+        for item in (*words, *tags):
+            if item.split() != [item]:
+                raise ValueError(f"sentence {i}: {item!r} is empty or holds whitespace, which a "
+                                 "CoNLL line cannot")
     with open(path, "w", encoding="utf-8") as fh:
         for words, tags in zip(data.tokens, data.tags):
             fh.writelines(f"{w} {t}\n" for w, t in zip(words, tags))
@@ -65,20 +115,28 @@ def _parse(tag: str) -> tuple[str, str]:
     return prefix, kind
 
 
-def validate_tags(tags: Sequence[str], scheme: str, where: str = "") -> None:
-    """Raise ``ValueError`` on a tag that ``scheme`` does not allow (IOB1/IOB2: O, B-, I-;
-    BIOES also E- and S-; IOB2 and BIOES: an I-/E- must continue an entity of its type)."""
-    _check_scheme(scheme)
+def _bad_tag(tags: Sequence[str], scheme: str) -> tuple[int, str] | None:
+    """Index of the first tag that ``scheme`` does not allow and why, or ``None``."""
     allowed = {"B", "I"} | ({"E", "S"} if scheme == "BIOES" else set())
     prev = ("O", "")
     for i, tag in enumerate(tags):
         prefix, kind = _parse(tag)
         if prefix != "O" and (prefix not in allowed or not kind):
-            raise ValueError(f"{where}: tag {tag!r} at {i} is not valid {scheme}")
+            return i, f"is not valid {scheme}"
         if scheme != "IOB1" and prefix in ("I", "E") and not (
                 prev[0] in ("B", "I") and prev[1] == kind):
-            raise ValueError(f"{where}: {tag!r} at {i} does not continue an entity ({scheme})")
+            return i, f"does not continue an entity ({scheme})"
         prev = (prefix, kind)
+    return None
+
+
+def validate_tags(tags: Sequence[str], scheme: str, where: str = "") -> None:
+    """Raise ``ValueError`` on a tag that ``scheme`` does not allow (IOB1/IOB2: O, B-, I-;
+    BIOES also E- and S-; IOB2 and BIOES: an I-/E- must continue an entity of its type)."""
+    _check_scheme(scheme)
+    bad = _bad_tag(tags, scheme)
+    if bad is not None:
+        raise ValueError(f"{where}: tag {tags[bad[0]]!r} at {bad[0]} {bad[1]}")
 
 
 def convert_tags(tags: Sequence[str], source: str, target: str) -> list[str]:
@@ -104,66 +162,144 @@ def convert_tags(tags: Sequence[str], source: str, target: str) -> list[str]:
     return out
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+# --- JSONL and TSV -----------------------------------------------------------------------------
+
+def read_jsonl(path: str | os.PathLike, *, encoding: str = "utf-8") -> list[dict]:
     """One JSON object per non-empty line."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return [row for _, row in _jsonl(path, encoding)]
 
 
-def _label_ids(raw: list, label_names: Sequence[str] | None) -> tuple[list[int], list[str]]:
+def _jsonl(path: str | os.PathLike, encoding: str) -> _Rows:
+    rows = []
+    for lineno, line in enumerate(read_lines(path, encoding), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise file_error(f"invalid JSON: {exc.msg} (character {exc.colno})", path,
+                             lineno) from None
+        if not isinstance(row, dict):
+            raise file_error(f"expected a JSON object, got {type(row).__name__} {row!r:.40}",
+                             path, lineno)
+        rows.append((lineno, row))
+    if not rows:
+        raise file_error("no rows (the file is empty)", path)
+    return rows
+
+
+def _tsv(path: str | os.PathLike, encoding: str) -> tuple[_Rows, dict[str, int]]:
+    """Rows of a tab-separated file with a header line, and the 1-based column of each field.
+    Fields are not quoted (a quote is an ordinary character), so none can hold a tab."""
+    lines = read_lines(path, encoding)
+    if not lines:
+        raise file_error("the file is empty (expected a header line)", path)
+    header = lines[0].split("\t")
+    columns: dict[str, int] = {}
+    for column, name in enumerate(header, 1):
+        if name in columns:
+            raise file_error(f"field {name!r} is also column {columns[name]}", path, 1, column)
+        columns[name] = column
+    rows = []
+    for lineno, line in enumerate(lines[1:], 2):
+        if not line:
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise file_error(f"{len(fields)} fields, but the header has {len(header)} "
+                             f"({', '.join(header)}); a field cannot hold a tab", path, lineno,
+                             min(len(fields), len(header)) + 1)
+        rows.append((lineno, dict(zip(header, fields))))
+    if not rows:
+        raise file_error("a header but no rows", path, 1)
+    return rows, columns
+
+
+def _rows(path: str | os.PathLike, encoding: str) -> tuple[_Rows, dict[str, int]]:
+    """Rows of a ``.jsonl`` or ``.tsv`` file, and the TSV column of each field (JSONL: none)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl(path, encoding), {}
+    if suffix == ".tsv":
+        return _tsv(path, encoding)
+    raise ValueError(f"{path}: expected a .jsonl or .tsv file")
+
+
+def _values(path: str | os.PathLike, rows: _Rows, columns: dict[str, int], key: str,
+            types: tuple[type, ...] = (str,)) -> list:
+    """``row[key]`` of every row, each one of ``types`` (never a bool)."""
+    if columns and key not in columns:
+        raise file_error(f"no field {key!r} in the header ({', '.join(columns)})", path, 1)
+    out = []
+    for lineno, row in rows:
+        if key not in row:
+            raise file_error(f"no field {key!r}", path, lineno)
+        value = row[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join(t.__name__ for t in types)
+            raise file_error(f"field {key!r} is {type(value).__name__} {value!r:.40}, expected "
+                             f"{expected}", path, lineno, columns.get(key))
+        out.append(value)
+    return out
+
+
+def _labels(path: str | os.PathLike, rows: _Rows, columns: dict[str, int], key: str,
+            label_names: Sequence[str] | None) -> tuple[list[int], list[str]]:
+    """Class ids of the ``key`` values and the class names. Ints (in a TSV without
+    ``label_names``: integer strings) are ids, strings are names in ``label_names``. Without
+    ``label_names`` the labels must be all ids (names ``"0"`` up to the largest) or all names
+    (sorted)."""
+    raw = _values(path, rows, columns, key, (int, str))
+    if columns and label_names is None:
+        raw = [int(v) if _INT.fullmatch(v) else v for v in raw]
+    column, lines = columns.get(key), [lineno for lineno, _ in rows]
     if label_names is None:
-        if all(isinstance(v, int) for v in raw):
-            return raw, [str(i) for i in range(max(raw, default=-1) + 1)]
-        label_names = sorted({str(v) for v in raw})
-    index = {name: i for i, name in enumerate(label_names)}
-    try:
-        return [v if isinstance(v, int) else index[str(v)] for v in raw], list(label_names)
-    except KeyError as exc:
-        raise ValueError(f"label {exc.args[0]!r} not in label_names {list(label_names)}") from None
+        is_id = [isinstance(v, int) for v in raw]
+        if not all(is_id) and any(is_id):
+            i = is_id.index(not is_id[0])
+            raise file_error(f"label {raw[i]!r} mixes class ids and names (line {lines[0]} has "
+                             f"{raw[0]!r}); pass label_names", path, lines[i], column)
+        label_names = [str(i) for i in range(max(raw) + 1)] if is_id[0] else sorted(set(raw))
+    names = list(label_names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"label_names {names} repeats a name")
+    index = {name: i for i, name in enumerate(names)}
+    ids = []
+    for lineno, value in zip(lines, raw):
+        if isinstance(value, str) and value not in index:
+            raise file_error(f"label {value!r} not in label_names {names}", path, lineno, column)
+        if isinstance(value, int) and not 0 <= value < len(names):
+            raise file_error(f"label {value} is not a class id 0..{len(names) - 1}", path, lineno,
+                             column)
+        ids.append(index[value] if isinstance(value, str) else value)
+    return ids, names
 
 
 def load_classification_file(path: str | os.PathLike, text_field: str = "text",
                              label_field: str = "label",
-                             label_names: Sequence[str] | None = None) -> ClassificationDataset:
-    """A text classification file: ``.jsonl`` (objects) or ``.tsv`` (header row with the fields).
-    String labels become ids in ``label_names`` order (default: sorted names)."""
-    rows = _rows(path)
-    try:
-        texts = [str(r[text_field]) for r in rows]
-        raw = [r[label_field] for r in rows]
-    except KeyError as exc:
-        raise ValueError(f"{path}: a row has no field {exc.args[0]!r}") from None
-    if str(path).endswith(".tsv"):
-        raw = [int(v) if v.lstrip("-").isdigit() and label_names is None else v for v in raw]
-    labels, names = _label_ids(raw, label_names)
+                             label_names: Sequence[str] | None = None, *,
+                             encoding: str = "utf-8") -> ClassificationDataset:
+    """A text classification file: ``.jsonl`` (objects) or ``.tsv`` (header row with the fields;
+    no quoting, so a field cannot hold a tab). String labels become ids in ``label_names`` order
+    (default: sorted names). Errors name the file, line and (TSV) column."""
+    rows, columns = _rows(path, encoding)
+    texts = _values(path, rows, columns, text_field)
+    labels, names = _labels(path, rows, columns, label_field, label_names)
     return ClassificationDataset(texts, labels, names)
 
 
 def load_pair_file(path: str | os.PathLike, first_field: str = "premise",
                    second_field: str = "hypothesis", label_field: str | None = "label",
-                   label_names: Sequence[str] | None = None) -> PairDataset:
+                   label_names: Sequence[str] | None = None, *,
+                   encoding: str = "utf-8") -> PairDataset:
     """A sentence-pair file (``.jsonl`` or ``.tsv``); ``label_field=None`` for unlabelled pairs."""
-    rows = _rows(path)
-    try:
-        first = [str(r[first_field]) for r in rows]
-        second = [str(r[second_field]) for r in rows]
-        raw = None if label_field is None else [r[label_field] for r in rows]
-    except KeyError as exc:
-        raise ValueError(f"{path}: a row has no field {exc.args[0]!r}") from None
-    if raw is None:
+    rows, columns = _rows(path, encoding)
+    first = _values(path, rows, columns, first_field)
+    second = _values(path, rows, columns, second_field)
+    if label_field is None:
         return PairDataset(first, second)
-    labels, names = _label_ids(raw, label_names)
+    labels, names = _labels(path, rows, columns, label_field, label_names)
     return PairDataset(first, second, labels, names)
-
-
-def _rows(path: str | os.PathLike) -> list[dict]:
-    name = str(path)
-    if name.endswith(".jsonl"):
-        return read_jsonl(path)
-    if name.endswith(".tsv"):
-        with open(path, encoding="utf-8", newline="") as fh:
-            return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    raise ValueError(f"{path}: expected a .jsonl or .tsv file")
 
 
 # --- Hugging Face datasets (online, or local copies through data_files) ------------------------

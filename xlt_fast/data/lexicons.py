@@ -12,8 +12,11 @@ import gzip
 import hashlib
 import os
 import re
+import zlib
 from functools import lru_cache
 from pathlib import Path
+
+from xlt_fast.data.formats import file_error, read_lines
 
 DICTD_DIR = Path("/usr/share/dictd")
 _ISO3 = {"en": "eng", "de": "deu", "fr": "fra", "es": "spa", "it": "ita", "pt": "por",
@@ -25,6 +28,8 @@ _WORD = re.compile(r"^[^\W\d_]+(?:['’-][^\W\d_]+)*$")  # letters, inner apostr
 
 def decode_dictd_number(digits: str) -> int:
     """A dictd base64 number (``"B8"`` -> 1 * 64 + 60)."""
+    if not digits:
+        raise ValueError("an empty field is not a dictd base64 number")
     value = 0
     for ch in digits:
         pos = _B64.find(ch)
@@ -58,16 +63,42 @@ def _translations(entry: str) -> list[str]:
     return [w for w in words if _WORD.match(w)]
 
 
+def _number(field: str, index: Path, lineno: int, column: int) -> int:
+    try:
+        return decode_dictd_number(field)
+    except ValueError as exc:
+        raise file_error(str(exc), index, lineno, column) from None
+
+
 @lru_cache(maxsize=8)
-def _all_pairs(index: Path, data: Path) -> tuple[tuple[str, str], ...]:
-    text = gzip.decompress(data.read_bytes())
+def _all_pairs(index: Path, data: Path, encoding: str = "utf-8") -> tuple[tuple[str, str], ...]:
+    compressed = data.read_bytes()
+    try:
+        text = gzip.decompress(compressed)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"{data}: not a gzip-compressed dictd file ({exc})") from None
+    lines = read_lines(index, encoding)
+    if not lines:
+        raise file_error("the index is empty", index)
     pairs = set()
-    for line in index.read_text(encoding="utf-8").splitlines():
-        head, offset, length = line.split("\t")
+    for lineno, line in enumerate(lines, 1):
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise file_error(f"{len(fields)} fields, expected 3 (headword, offset, length)", index,
+                             lineno, min(len(fields), 3) + 1)
+        head = fields[0]
+        start, length = _number(fields[1], index, lineno, 2), _number(fields[2], index, lineno, 3)
+        if start + length > len(text):
+            raise file_error(f"entry {head!r} ends at byte {start + length}, past the end of "
+                             f"{data.name} ({len(text)} bytes uncompressed)", index, lineno)
         if head.startswith("00") or not _WORD.match(head):  # dictd metadata, multi-word entries
             continue
-        start = decode_dictd_number(offset)
-        entry = text[start:start + decode_dictd_number(length)].decode("utf-8", errors="replace")
+        try:
+            entry = text[start:start + length].decode(encoding)
+        except UnicodeDecodeError:
+            raise file_error(f"entry {head!r} in {data.name} is not valid {encoding}; pass the "
+                             "dictionary's encoding, e.g. encoding='latin-1'", index,
+                             lineno) from None
         pairs.update((head, word) for word in _translations(entry))
     return tuple(sorted(pairs))
 
@@ -77,17 +108,20 @@ def _in_test(word: str, test_fraction: float) -> bool:
 
 
 def load_lexicon(src: str = "en", tgt: str = "de", split: str = "all", *,
-                 test_fraction: float = 0.2, dict_dir: str | os.PathLike | None = None
-                 ) -> list[tuple[str, str]]:
+                 test_fraction: float = 0.2, dict_dir: str | os.PathLike | None = None,
+                 encoding: str = "utf-8") -> list[tuple[str, str]]:
     """Sorted single-word pairs ``(source word, translation)``.
 
     ``split`` is ``"all"``, ``"train"`` or ``"test"``; the split is by source word (every
     translation of a word is on one side), deterministic, with about ``test_fraction`` of the
-    source words in test.
+    source words in test; ``encoding`` is that of the dictionary files.
     """
     if split not in ("all", "train", "test"):
         raise ValueError(f"unknown split {split!r}; expected 'all', 'train' or 'test'")
-    pairs = _all_pairs(*dictionary_files(src, tgt, dict_dir))
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in the open interval (0, 1), got "
+                         f"{test_fraction!r}")
+    pairs = _all_pairs(*dictionary_files(src, tgt, dict_dir), encoding)
     if split == "all":
         return list(pairs)
     want_test = split == "test"
