@@ -259,7 +259,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> candidate_softmax_cpu(
 // negative_learning (seed 004 eq. 1): mean_i sum_k w_ik * -log(1 - p_ik), p = softmax(z_i).
 // -log(1 - p_k) = lse(z) - lse_{j != k}(z). For k other than the row's argmax, sum_{j != k} e^{z_j - M}
 // = S - e^{z_k - M} keeps the max term (>= 1), so the subtraction loses at most a few ulps; for the
-// argmax the sum without it is formed directly. Gradient: d/dz_j = sum_k w_k (p_j - q^(k)_j),
+// argmax the sum without it is formed relative to the second largest logit M2 (R2 >= 1), so its log
+// (M2 - M) + log R2 stays finite for any logit gap. Gradient: d/dz_j = sum_k w_k (p_j - q^(k)_j),
 // q^(k) the softmax over j != k.
 std::tuple<at::Tensor, at::Tensor> negative_learning_cpu(const at::Tensor& logits_in, const at::Tensor& weights_in,
                                                          bool need_grad) {
@@ -282,15 +283,24 @@ std::tuple<at::Tensor, at::Tensor> negative_learning_cpu(const at::Tensor& logit
         const scalar_t mx = zi[am];
         scalar_t sum = 0;
         for (int64_t j = 0; j < C; ++j) sum += (e[j] = std::exp(zi[j] - mx));
-        scalar_t sum_wo_max = 0;
-        for (int64_t j = 0; j < C; ++j) sum_wo_max += j == am ? scalar_t(0) : e[j];
+        scalar_t m2 = -std::numeric_limits<scalar_t>::infinity();
+        for (int64_t j = 0; j < C; ++j) m2 = j != am && zi[j] > m2 ? zi[j] : m2;
+        scalar_t r2 = 0;  // sum_{j != argmax} e^{z_j - M2} >= 1
+        for (int64_t j = 0; j < C; ++j) r2 += j == am ? scalar_t(0) : std::exp(zi[j] - m2);
         scalar_t loss = 0, wsum = 0;
         scalar_t* gi = need_grad ? grad.data_ptr<scalar_t>() + i * C : nullptr;
         for (int64_t k = 0; k < C; ++k) {
           if (wi[k] == 0) continue;
-          const scalar_t rest = k == am ? sum_wo_max : sum - e[k];  // sum_{j != k} e^{z_j - M}
-          loss += wi[k] * (std::log(sum) - std::log(rest));
           wsum += wi[k];
+          if (k == am) {
+            loss += wi[k] * (std::log(sum) - (m2 - mx) - std::log(r2));
+            if (need_grad) {
+              for (int64_t j = 0; j < C; ++j) gi[j] -= j == k ? scalar_t(0) : wi[k] * std::exp(zi[j] - m2) / r2;
+            }
+            continue;
+          }
+          const scalar_t rest = sum - e[k];  // sum_{j != k} e^{z_j - M}, holds the max term
+          loss += wi[k] * (std::log(sum) - std::log(rest));
           if (need_grad) {
             for (int64_t j = 0; j < C; ++j) gi[j] -= j == k ? scalar_t(0) : wi[k] * e[j] / rest;
           }

@@ -93,19 +93,27 @@ def _negative_learning_kernel(z_ptr, w_ptr, loss_ptr, g_ptr, B, C, inv_b, NEED_G
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     am = tl.argmax(z, axis=1)
     mx = tl.max(z, axis=1)
-    e = tl.where(mask, tl.exp(z - mx[:, None]), 0.0)
+    e = tl.where(mask, tl.exp(z - mx[:, None]), 0.0)  # e_j = exp(z_j - M), e_argmax = 1
     total = tl.maximum(tl.sum(e, axis=1), 1e-30)
     is_max = rc[None, :] == am[:, None]
-    without_max = tl.sum(tl.where(is_max, 0.0, e), axis=1)
-    rest = tl.where(is_max, without_max[:, None], total[:, None] - e)  # sum_{j != k} e_j
-    rest = tl.where(w != 0, rest, 1.0)
-    loss = tl.sum(tl.where(w != 0, w * (tl.log(total)[:, None] - tl.log(rest)), 0.0), axis=1)
+    # Without the argmax, the sum is taken relative to the second largest logit M2 (R2 >= 1): its
+    # log, (M2 - M) + log R2, stays finite for any logit gap, where sum_{j != argmax} e_j underflows.
+    z_rest = tl.where(is_max, -1.0e30, z)
+    m2 = tl.max(z_rest, axis=1)
+    e2 = tl.where(mask, tl.exp(z_rest - m2[:, None]), 0.0)
+    r2 = tl.maximum(tl.sum(e2, axis=1), 1e-30)
+    rest = tl.where(is_max, 1.0, tl.maximum(total[:, None] - e, 1e-30))  # sum_{j != k} e_j for k != argmax
+    log_rest = tl.where(is_max, (m2 - mx + tl.log(r2))[:, None], tl.log(rest))
+    loss = tl.sum(tl.where(w != 0, w * (tl.log(total)[:, None] - log_rest), 0.0), axis=1)
     tl.store(loss_ptr + rb, loss, mask=rb < B)
     if NEED_GRAD:
-        # d/dz_j = e_j (sum_k w_k / S - sum_{k != j} w_k / rest_k)
+        # d/dz_j = sum_k w_k (p_j - q(k)_j), q(k) the softmax over j != k: e_j / rest_k for k != argmax,
+        # e2_j / R2 for k = argmax
         wsum = tl.sum(w, axis=1)
-        w_over_rest = tl.where(w != 0, w / rest, 0.0)
+        w_over_rest = tl.where((w != 0) & ~is_max, w / rest, 0.0)
+        w_max = tl.sum(tl.where(is_max, w, 0.0), axis=1)
         g = e * (wsum[:, None] / total[:, None] - (tl.sum(w_over_rest, axis=1)[:, None] - w_over_rest))
+        g = g - w_max[:, None] * e2 / r2[:, None]
         tl.store(g_ptr + offs, g * inv_b, mask=mask)
 
 
