@@ -155,8 +155,8 @@ def test_tokenizer_vocabulary_mismatch_is_detected(tmp_path):
 
 
 def test_corrupt_cache_is_rebuilt_never_used(encoder, tmp_path, monkeypatch):
-    """A cache entry with a missing marker or a truncated file is removed and rebuilt; a stray
-    temporary directory from an interrupted conversion is ignored."""
+    """A cache entry with a missing marker, a truncated file or an edit that keeps the file's size is
+    removed and rebuilt; a stray temporary directory from an interrupted conversion is ignored."""
     good = e5_checkpoint()  # the real converted checkpoint (the fixture built it)
     monkeypatch.setenv("XLT_FAST_CACHE", str(tmp_path))
     target = tmp_path / "models" / good.name
@@ -168,8 +168,8 @@ def test_corrupt_cache_is_rebuilt_never_used(encoder, tmp_path, monkeypatch):
         for f in good.iterdir():
             if f.name != conv._MARKER:
                 os.symlink(f, Path(tmp) / f.name)
-        sizes = {f.name: f.stat().st_size for f in Path(tmp).iterdir()}
-        (Path(tmp) / conv._MARKER).write_text(json.dumps(dict(marker, files=sizes)))
+        digests = {f.name: conv._digest(f) for f in Path(tmp).iterdir()}
+        (Path(tmp) / conv._MARKER).write_text(json.dumps(dict(marker, sha256=digests)))
 
     monkeypatch.setattr(conv, "_write_checkpoint", fake_write)
     (tmp_path / "models" / f".{good.name}.interrupted").mkdir(parents=True)
@@ -187,6 +187,15 @@ def test_corrupt_cache_is_rebuilt_never_used(encoder, tmp_path, monkeypatch):
         e5_checkpoint()
     assert len(builds) == 3
     assert (target / "model.safetensors").stat().st_size == (good / "model.safetensors").stat().st_size
+
+    config = (target / "config.json").read_text()
+    edited = config.replace('"hidden_act": "gelu"', '"hidden_act": "relu"')
+    assert edited != config and len(edited) == len(config)
+    (target / "config.json").unlink()  # an edit that keeps the size (the old marker compared sizes)
+    (target / "config.json").write_text(edited)
+    with pytest.warns(UserWarning, match="incomplete or corrupt"):
+        e5_checkpoint()
+    assert len(builds) == 4 and (target / "config.json").read_text() == config
     assert [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")] == \
         [f".{good.name}.interrupted"]
 

@@ -142,8 +142,18 @@ def retrieval_scores(queries: ArrayLike, keys: ArrayLike, method: str = "cosine"
     """``[Q, K]`` similarity of every query to every key: cosine, or CSLS
     ``2 cos(x, y) - r_K(x) - r_Q(y)`` with ``r`` the mean cosine to the ``csls_k`` nearest
     neighbours in the other set."""
-    x = torch.nn.functional.normalize(torch.as_tensor(_np(queries), dtype=torch.float64), dim=1)
-    y = torch.nn.functional.normalize(torch.as_tensor(_np(keys), dtype=torch.float64), dim=1)
+    x = torch.as_tensor(_np(queries), dtype=torch.float64)
+    y = torch.as_tensor(_np(keys), dtype=torch.float64)
+    for name, t in (("queries", x), ("keys", y)):
+        if t.dim() != 2 or t.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty [N, d] array, got shape {tuple(t.shape)}")
+        bad = (~torch.isfinite(t).all(1)).nonzero().flatten()
+        if bad.numel():  # one NaN row would shift the CSLS means of every other row
+            raise ValueError(f"{name} rows {bad[:5].tolist()} contain NaN or inf")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"queries and keys must have the same d, got {x.shape[1]} and {y.shape[1]}")
+    x = torch.nn.functional.normalize(x, dim=1)
+    y = torch.nn.functional.normalize(y, dim=1)
     cos = x @ y.T
     if method == "cosine":
         return cos
@@ -165,6 +175,8 @@ def retrieval_precision_at_k(queries: ArrayLike, keys: ArrayLike, k: int = 1,
     gold_idx = torch.arange(scores.shape[0]) if gold is None else torch.as_tensor(_np(gold))
     if gold_idx.shape != (scores.shape[0],) or not 1 <= k <= scores.shape[1]:
         raise ValueError("need one gold key index per query and 1 <= k <= number of keys")
+    if gold_idx.dtype.is_floating_point or ((gold_idx < 0) | (gold_idx >= scores.shape[1])).any():
+        raise ValueError(f"gold must hold integer key indices in [0, {scores.shape[1]})")
     top = scores.topk(k, dim=1).indices
     return float((top == gold_idx[:, None]).any(1).double().mean())
 

@@ -280,6 +280,8 @@ def subsample_with_priors(dataset: ClassificationDataset, priors: Sequence[float
     priors = np.asarray(priors, dtype=np.float64)
     if priors.shape != (dataset.num_classes,) or (priors < 0).any() or not np.isclose(priors.sum(), 1):
         raise ValueError(f"priors must be {dataset.num_classes} non-negative numbers summing to 1")
+    if not isinstance(n, (int, np.integer)) or n <= 0:
+        raise ValueError(f"n must be a positive integer (examples to draw), got {n!r}")
     exact = priors * n
     counts = np.floor(exact).astype(np.int64)
     remainder_order = np.argsort(-(exact - counts), kind="stable")

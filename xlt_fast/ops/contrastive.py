@@ -157,7 +157,7 @@ def _rows(t: Tensor, name: str, op: str) -> None:
 
 
 def info_nce(a: Tensor, b: Tensor, temperature: float = 0.05, metric: str = "cosine", *,
-             backend: _backend.Backend = "auto") -> Tensor:
+             check_finite: bool = True, backend: _backend.Backend = "auto") -> Tensor:
     """SimCSE InfoNCE with in-batch negatives (seed 004 eq. 3; Gao et al. 2021).
 
     ``loss = mean_i [ logsumexp_j s(a_i, b_j) - s(a_i, b_i) ]``, s = sim / temperature, positives on
@@ -174,6 +174,10 @@ def info_nce(a: Tensor, b: Tensor, temperature: float = 0.05, metric: str = "cos
     temperature = V.positive(temperature, "temperature", op)
     V.choice(metric, "metric", METRICS, op)
     kind = _backend.resolve(backend, a.device, op, gpu_default="triton", available=_KERNELS)
+    checks = V.Checks(op, check_finite)
+    checks.finite("a", a)
+    checks.finite("b", b)
+    checks.run()
     if kind == "reference":
         return ref.info_nce(a, b, temperature, metric)
     n = a.shape[0]
@@ -183,14 +187,18 @@ def info_nce(a: Tensor, b: Tensor, temperature: float = 0.05, metric: str = "cos
 
 
 def supcon(features: Tensor, labels: Tensor, temperature: float = 0.1, metric: str = "cosine",
-           mask: Optional[Tensor] = None, *, backend: _backend.Backend = "auto") -> Tensor:
+           mask: Optional[Tensor] = None, *, check_finite: bool = True,
+           backend: _backend.Backend = "auto") -> Tensor:
     """Supervised contrastive loss (seed 004 eq. 2; Khosla et al. 2020), multi-positive.
 
     For anchor i: A(i) = other unmasked samples, P(i) = those with its label;
     ``loss_i = logsumexp_{A(i)} s_i. - mean_{P(i)} s_ip``, averaged over the anchors with at least
     one positive (others are excluded, never NaN; no positive at all gives 0).
-    ``features (N, d)``, integer ``labels (N,)``, optional bool ``mask (N,)`` (True = sample takes part).
-    Equals pytorch-metric-learning's ``SupConLoss(temperature)`` for cosine.
+    ``features (N, d)``, integer ``labels (N,)``, optional bool ``mask (N,)`` (True = sample takes part;
+    the rows of the others are never read, so they may hold anything, NaN included).
+    Equals pytorch-metric-learning's ``SupConLoss(temperature)`` for cosine, except for a batch in
+    which no anchor has a negative (every sample of one label): PML returns 0 by convention, the
+    formula (and this op) gives ``log |A(i)| > 0``-type finite values.
     """
     op = "supcon"
     _rows(features, "features", op)
@@ -207,6 +215,10 @@ def supcon(features: Tensor, labels: Tensor, temperature: float = 0.1, metric: s
     V.choice(metric, "metric", METRICS, op)
     kind = _backend.resolve(backend, features.device, op, gpu_default="triton", available=_KERNELS)
     labels = labels.to(device=features.device, dtype=torch.int64)
+    checks = V.Checks(op, check_finite)
+    checks.finite("features", features, valid)
+    checks.run()
+    features = V.masked(features, valid)  # no backend reads the rows of masked-out samples
     if kind == "reference":
         return ref.supcon(features, labels, temperature, metric, mask=valid)
     return _label_loss(features, features, labels, labels, valid, valid, temperature, metric, True, kind)
@@ -237,14 +249,17 @@ _register_precomputed_grad(candidate_softmax, 7)
 
 def negative_contrastive(anchor: Tensor, positive: Tensor, negatives: Tensor, temperature: float = 0.05,
                          metric: str = "euclidean", *, pool: Optional[Tensor] = None,
-                         negative_mask: Optional[Tensor] = None, backend: _backend.Backend = "auto") -> Tensor:
+                         negative_mask: Optional[Tensor] = None, check_finite: bool = True,
+                         backend: _backend.Backend = "auto") -> Tensor:
     """CoNLST contrastive negative learning (seed 004 eq. 6).
 
     ``loss_i = -log( e^{s(h_i, h_i')} / (e^{s(h_i, h_i')} + sum_{j in N_i} e^{s(h_i, h_j')}) )``, mean over i,
     with ``anchor (B, d)`` = h_i, ``positive (B, d)`` = its second dropout view h_i', and the negatives
     N_i (samples whose pseudo-label is a complementary label of i, eq. 5) given either as
     ``(B, K, d)`` features or as integer indices ``(B, K)`` into ``pool (P, d)`` (default: ``positive``,
-    i.e. the other samples' second views as in eq. 6). ``negative_mask (B, K)`` marks real negatives.
+    i.e. the other samples' second views as in eq. 6). ``negative_mask (B, K)`` marks real negatives
+    (the others are never read: their features or pool rows may hold anything). A bool membership
+    matrix is not accepted as ``negatives`` (it would read as indices 0 and 1).
     Default metric euclidean: the paper uses euclidean distance for eq. 6 (after Snell et al.).
     """
     op = "negative_contrastive"
@@ -254,8 +269,12 @@ def negative_contrastive(anchor: Tensor, positive: Tensor, negatives: Tensor, te
     B, d = anchor.shape
     if positive.shape != anchor.shape:
         raise ValueError(f"{op}: positive must have the shape of anchor {tuple(anchor.shape)}, got {tuple(positive.shape)}")
-    if not isinstance(negatives, Tensor):
-        raise TypeError(f"{op}: negatives must be a tensor (B, K, d) or integer indices (B, K)")
+    if not isinstance(negatives, Tensor) or negatives.dtype == torch.bool or negatives.dtype.is_complex:
+        raise TypeError(f"{op}: negatives must be a float tensor of points (B, K, d) or integer indices (B, K) into "
+                        f"pool, got {getattr(negatives, 'dtype', type(negatives).__name__)}")
+    if negatives.dim() >= 2 and negative_mask is not None:
+        negative_mask = _bool_mask(negative_mask, B, negatives.shape[1], op)
+    checks = V.Checks(op, check_finite)
     if negatives.dtype.is_floating_point:
         if pool is not None:
             raise ValueError(f"{op}: pool is only used with integer negatives (indices), got feature negatives")
@@ -271,19 +290,21 @@ def negative_contrastive(anchor: Tensor, positive: Tensor, negatives: Tensor, te
             raise ValueError(f"{op}: pool must have shape (P, {d}), got {tuple(pool.shape)}")
         if negatives.dim() != 2 or negatives.shape[0] != B:
             raise ValueError(f"{op}: integer negatives must have shape ({B}, K), got {tuple(negatives.shape)}")
-        if negatives.numel() and not torch.compiler.is_compiling() and \
-                bool(((negatives < 0) | (negatives >= pool.shape[0])).any()):
-            raise ValueError(f"{op}: negative indices must lie in [0, {pool.shape[0]}) (rows of pool)")
-        neg = pool[negatives.to(device=anchor.device, dtype=torch.int64)]
+        idx = negatives.to(device=anchor.device, dtype=torch.int64)
+        out_of_range = (idx < 0) | (idx >= pool.shape[0])
+        if negative_mask is not None:  # masked-out indices may be anything
+            out_of_range &= negative_mask
+        checks.add(out_of_range.any(), f"negative indices must lie in [0, {pool.shape[0]}) (rows of pool)")
+        neg = pool[idx.clamp(0, pool.shape[0] - 1)]
     K = neg.shape[1]
-    if negative_mask is not None:
-        if not isinstance(negative_mask, Tensor) or negative_mask.dtype != torch.bool:
-            raise TypeError(f"{op}: negative_mask must be a bool tensor of shape ({B}, {K})")
-        if tuple(negative_mask.shape) != (B, K):
-            raise ValueError(f"{op}: negative_mask must have shape ({B}, {K}), got {tuple(negative_mask.shape)}")
     temperature = V.positive(temperature, "temperature", op)
     V.choice(metric, "metric", METRICS, op)
     kind = _backend.resolve(backend, anchor.device, op, gpu_default="triton", available=_KERNELS)
+    checks.finite("anchor", anchor)
+    checks.finite("positive", positive)
+    checks.finite("negatives" if pool is None else "pool rows of the negatives", neg, negative_mask)
+    checks.run()
+    neg = V.masked(neg, negative_mask)  # no backend reads a masked-out negative
     if kind == "reference":
         return ref.negative_contrastive(anchor, positive, neg, temperature, metric, negative_mask)
     dtype = anchor.dtype
@@ -299,6 +320,14 @@ def negative_contrastive(anchor: Tensor, positive: Tensor, negatives: Tensor, te
     need_grad = torch.is_grad_enabled() and (a.requires_grad or cands.requires_grad)
     loss = candidate_softmax(a, cands, valid, temperature, _METRIC_CODE[metric], need_grad, kind)[0]
     return loss.to(dtype)
+
+
+def _bool_mask(mask: Tensor, B: int, K: int, op: str) -> Tensor:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{op}: negative_mask must be a bool tensor of shape ({B}, {K})")
+    if tuple(mask.shape) != (B, K):
+        raise ValueError(f"{op}: negative_mask must have shape ({B}, {K}), got {tuple(mask.shape)}")
+    return mask
 
 
 # -- negative_learning ----------------------------------------------------------------------------
@@ -321,13 +350,15 @@ def _(logits, weights, need_grad, backend):
 _register_precomputed_grad(negative_learning_op, 4)
 
 
-def negative_learning(logits: Tensor, complementary_labels: Tensor, *, backend: _backend.Backend = "auto") -> Tensor:
+def negative_learning(logits: Tensor, complementary_labels: Tensor, *, check_finite: bool = True,
+                      backend: _backend.Backend = "auto") -> Tensor:
     """Negative learning (seed 004 eq. 1): ``mean_i sum_k ybar_ik * -log(1 - p_ik)``, p = softmax(logits).
 
     ``complementary_labels``: ``(B,)`` class indices in [0, C) (one complementary label per sample,
     e.g. argmin of the prediction for low-confidence samples, eq. 4), or ``(B, C)`` bool/float
     non-negative weights (e.g. every class but the argmax for confident samples). Computed as
-    logsumexp(z) - logsumexp_{j != k}(z): finite even where p_k rounds to 1.
+    logsumexp(z) - logsumexp_{j != k}(z), the sum without the argmax taken relative to the second
+    largest logit: finite and exact to fp32 rounding for any logit gap (e.g. 60.04 at gap 120).
     """
     op = "negative_learning"
     V.floating(logits, "logits", op)
@@ -337,19 +368,21 @@ def negative_learning(logits: Tensor, complementary_labels: Tensor, *, backend: 
     y = complementary_labels
     if not isinstance(y, Tensor):
         raise TypeError(f"{op}: complementary_labels must be a tensor of shape ({B},) or ({B}, {C})")
-    checking = not torch.compiler.is_compiling()
+    checks = V.Checks(op, check_finite)
+    checks.finite("logits", logits)
     if y.dim() == 1 and not y.dtype.is_floating_point and y.dtype != torch.bool:
         if tuple(y.shape) != (B,):
             raise ValueError(f"{op}: complementary_labels must have shape ({B},), got {tuple(y.shape)}")
-        if checking and bool(((y < 0) | (y >= C)).any()):
-            raise ValueError(f"{op}: complementary_labels must lie in [0, {C}) (number of classes)")
-        weights = torch.nn.functional.one_hot(y.to(device=logits.device, dtype=torch.int64), C).to(logits.dtype)
+        y = y.to(device=logits.device, dtype=torch.int64)
+        checks.add(((y < 0) | (y >= C)).any(), f"complementary_labels must lie in [0, {C}) (number of classes)")
+        checks.run()
+        weights = torch.nn.functional.one_hot(y, C).to(logits.dtype)
     elif y.dim() == 2:
         if tuple(y.shape) != (B, C):
             raise ValueError(f"{op}: complementary_labels weights must have shape ({B}, {C}), got {tuple(y.shape)}")
         weights = y.to(device=logits.device, dtype=logits.dtype)
-        if checking and not bool(((weights >= 0) & torch.isfinite(weights)).all()):
-            raise ValueError(f"{op}: complementary_labels weights must be finite and >= 0")
+        checks.add(~((weights >= 0) & torch.isfinite(weights)).all(), "complementary_labels weights must be finite and >= 0")
+        checks.run()
     else:
         raise ValueError(f"{op}: complementary_labels must be integer ({B},) or weights ({B}, {C}), "
                          f"got {y.dtype} {tuple(y.shape)}")

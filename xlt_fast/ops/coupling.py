@@ -90,10 +90,13 @@ def check_mask(mask: Tensor, d: int, device: torch.device, op: str) -> None:
         raise ValueError(f"{op}: mask must have shape ({d},) (x's feature size d), got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"{op}: mask is on {mask.device} but x is on {device}")
+    if not V._tracing(mask) and not bool(mask.any()):
+        raise ValueError(f"{op}: mask must mark at least one transformed feature (it is all False)")
 
 
 def coupling(x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor, scale: str = "exp", clamp: float = 2.0,
-             inverse: bool = False, *, backend: _backend.Backend = "auto") -> tuple[Tensor, Tensor]:
+             inverse: bool = False, *, check_finite: bool = True,
+             backend: _backend.Backend = "auto") -> tuple[Tensor, Tensor]:
     """Affine coupling epilogue (Real-NVP, Dinh et al. 2017, eqs. 4-8; seed 002's flow).
 
     ``y_m = x_m * exp(s) + t`` on the transformed features (``mask`` True), ``y_~m = x_~m``, and
@@ -110,6 +113,7 @@ def coupling(x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor, scale: str = "ex
             overflow.
         clamp: c > 0 (used by ``"tanh"`` and ``"atan"``).
         inverse: apply the inverse map.
+        check_finite: check x, s_raw and t for NaN/inf (False skips it for inputs already checked).
         backend: ``"auto" | "reference" | "cpu" | "cuda"``.
 
     Returns ``(y (..., d), logdet (...))``. The log-det row sum accumulates in fp32 (fp64 for fp64
@@ -132,9 +136,10 @@ def coupling(x: Tensor, s_raw: Tensor, t: Tensor, mask: Tensor, scale: str = "ex
         if tuple(a.shape) != lead + (d_m,):
             raise ValueError(f"{op}: {name} must have shape {lead + (d_m,)} (x's leading dims, d_m = {d_m} "
                              f"True entries of mask), got {tuple(a.shape)}")
-    V.finite(x, "x", op)
-    V.finite(s_raw, "s_raw", op)
-    V.finite(t, "t", op)
+    checks = V.Checks(op, check_finite)
+    for name, a in (("x", x), ("s_raw", s_raw), ("t", t)):
+        checks.finite(name, a)
+    checks.run()
     kind = _backend.resolve(backend, x.device, op, gpu_default="cuda", available=("reference", "cpu", "cuda"))
     y, logdet = run(x.reshape(-1, x.shape[-1]), s_raw.reshape(-1, d_m), t.reshape(-1, d_m), mask, scale, clamp,
                     inverse, kind)

@@ -208,34 +208,26 @@ def _params(critic_params: CriticParams) -> tuple[Tensor, Tensor, Tensor, Tensor
     return w1, b1, w2, b2.reshape(())
 
 
-def _value_checks(checks: list[tuple[Tensor, str]]) -> None:
-    """Raise the message of the first check whose flag (a bool tensor, True = bad) is set. All flags
-    are read back in one transfer (one host sync on a GPU); skipped while tracing."""
-    if not checks or V._tracing(checks[0][0]):
-        return
-    flags = torch.stack([flag.reshape(()) for flag, _ in checks]).tolist()
-    for bad, (_, message) in zip(flags, checks):
-        if bad:
-            raise ValueError(f"{OP}: {message}")
-
-
-def _check_distribution(p: Tensor, name: str, rows: int, k: int, checks: list) -> None:
+def _check_distribution(p: Tensor, name: str, rows: int, k: int, checks: V.Checks) -> None:
     V.floating(p, name, OP)
     if tuple(p.shape) != (rows, k):
         raise ValueError(f"{OP}: {name} must have shape ({rows}, {k}) (rows, num_classes), got {tuple(p.shape)}")
     tol = 1e-2 if p.dtype in (torch.float16, torch.bfloat16) else 1e-4
     pd = p.detach()
     bad = ~torch.isfinite(pd).all() | (pd < 0).any() | ((pd.sum(-1) - 1).abs() > tol).any()
-    checks.append((bad, f"{name} must hold probability distributions (rows >= 0 summing to 1 within {tol}), "
-                        f"e.g. softmax(logits)"))
+    checks.add(bad, f"{name} must hold probability distributions (rows >= 0 summing to 1 within {tol}), "
+                    f"e.g. softmax(logits)")
 
 
-def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, normalize, checks: list):
+def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, normalize, checks: V.Checks):
     w1, b1, w2, b2 = _params(critic_params)
     for name, z in (("z_src", z_src), ("z_tgt", z_tgt)):
         V.floating(z, name, OP)
         if z.dim() != 2 or z.shape[0] == 0 or z.shape[1] == 0:
             raise ValueError(f"{OP}: {name} must have shape (rows, d) with rows, d >= 1, got {tuple(z.shape)}")
+        checks.finite(name, z)
+    for name, t in (("W1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        checks.finite(f"critic_params.{name}", t)
     (n, d), m = z_src.shape, z_tgt.shape[0]
     if z_tgt.shape[1] != d:
         raise ValueError(f"{OP}: z_src and z_tgt must have the same feature size d, got {d} and {z_tgt.shape[1]}")
@@ -258,21 +250,21 @@ def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, normali
         V.same_dtype_device(OP, z_src=z_src, src_weight=src_weight)
         sw = src_weight.detach()
         if normalize == "sum_w":
-            checks.append((~torch.isfinite(sw).all() | (sw < 0).any() | ~(sw.sum() > 0),
-                           "src_weight must be finite, >= 0 and not all zero (normalize='sum_w' divides by their sum)"))
+            checks.add(~torch.isfinite(sw).all() | (sw < 0).any() | ~(sw.sum() > 0),
+                       "src_weight must be finite, >= 0 and not all zero (normalize='sum_w' divides by their sum)")
         else:
-            checks.append((~torch.isfinite(sw).all() | (sw < 0).any(), "src_weight must be finite and >= 0"))
+            checks.add(~torch.isfinite(sw).all() | (sw < 0).any(), "src_weight must be finite and >= 0")
     return (w1, b1, w2, b2), n, m
 
 
 def _alpha(alpha: Optional[Tensor], generator: Optional[torch.Generator], K: int, like: Tensor,
-           checks: list) -> Tensor:
+           checks: V.Checks) -> Tensor:
     if alpha is not None:
         V.floating(alpha, "alpha", OP)
         if tuple(alpha.shape) != (K,):
             raise ValueError(f"{OP}: alpha must have shape ({K},) (min(n, m) rows), got {tuple(alpha.shape)}")
         V.same_dtype_device(OP, z_src=like, alpha=alpha)
-        checks.append((~((alpha >= 0) & (alpha <= 1)).all(), "alpha must lie in [0, 1]"))
+        checks.add(~((alpha >= 0) & (alpha <= 1)).all(), "alpha must lie in [0, 1]")
         return alpha
     if generator is not None:
         if torch.compiler.is_compiling():
@@ -286,7 +278,8 @@ def _alpha(alpha: Optional[Tensor], generator: Optional[torch.Generator], K: int
 def critic_gp(critic_params: CriticParams, z_src: Tensor, z_tgt: Tensor, p_src: Optional[Tensor] = None,
               p_tgt: Optional[Tensor] = None, src_weight: Optional[Tensor] = None,
               generator: Optional[torch.Generator] = None, *, alpha: Optional[Tensor] = None,
-              normalize: Normalize = "sum_w", backend: _backend.Backend = "auto") -> tuple[Tensor, Tensor]:
+              normalize: Normalize = "sum_w", check_finite: bool = True,
+              backend: _backend.Backend = "auto") -> tuple[Tensor, Tensor]:
     """Importance-weighted Wasserstein-1 estimate and zero-centred gradient penalty (seed 000, App. C.1).
 
     ``w1_estimate = sum_i w_i f(xs_i) / Z - mean_j f(xt_j)`` with ``Z = sum_i w_i`` or ``Z = n``, and
@@ -308,6 +301,8 @@ def critic_gp(critic_params: CriticParams, z_src: Tensor, z_tgt: Tensor, p_src: 
             weighted mean: the scale of w does not matter) or ``"n"`` (``Z = n``: the per-sample form
             ``(1/n) sum_i w_i f(xs_i)`` of the IWDA authors' code, an unbiased estimate of
             ``E_{p_S^w}[f]`` when ``E_{p_S}[w] = 1``). Without weights both are the mean.
+        check_finite: check features and parameters for NaN/inf (False skips it, for inputs already
+            checked; the range checks of p, weights and alpha always run).
         backend: ``"auto" | "reference" | "cpu" | "cuda"``.
 
     Gradients: the estimate's w.r.t. parameters, features and weights; the penalty's w.r.t. the
@@ -318,10 +313,10 @@ def critic_gp(critic_params: CriticParams, z_src: Tensor, z_tgt: Tensor, p_src: 
     """
     if normalize not in NORMALIZE:
         raise ValueError(f"{OP}: normalize must be one of {NORMALIZE}, got {normalize!r}")
-    checks: list[tuple[Tensor, str]] = []
+    checks = V.Checks(OP, check_finite)
     (w1, b1, w2, b2), n, m = _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, normalize, checks)
     a = _alpha(alpha, generator, min(n, m), z_src, checks)
-    _value_checks(checks)
+    checks.run()
     kind = _backend.resolve(backend, z_src.device, OP, gpu_default="cuda", available=("reference", "cpu", "cuda"))
     if p_src is not None:
         p_src, p_tgt = p_src.detach(), p_tgt.detach()

@@ -14,7 +14,6 @@ from torch import Tensor
 
 from xlt_fast import _backend, _validate as V
 from xlt_fast.reference import pairwise as ref
-from xlt_fast.reference.pairwise import zero_padded
 
 METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 # Entries with D <= REFINE_TOL * (|x|^2 + |y|^2) are recomputed exactly. Elsewhere the expansion's
@@ -62,7 +61,7 @@ sqdist.register_autograd(_sqdist_backward, setup_context=_sqdist_setup)
 def masked_center(x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor]) -> Tensor:
     """Mean ``(B, 1, d)`` of the real points of x and y together (detached: distances ignore it)."""
     x, y = x.detach(), y.detach()
-    sx, sy = zero_padded(x, x_mask).sum(1), zero_padded(y, y_mask).sum(1)
+    sx, sy = V.masked(x, x_mask).sum(1), V.masked(y, y_mask).sum(1)
     cx = x.new_full((x.shape[0],), x.shape[1]) if x_mask is None else x_mask.sum(1).to(x.dtype)
     cy = y.new_full((y.shape[0],), y.shape[1]) if y_mask is None else y_mask.sum(1).to(y.dtype)
     return ((sx + sy) / (cx + cy).clamp_min(1).unsqueeze(-1)).unsqueeze(1)
@@ -86,7 +85,8 @@ def check_points_pair(x: Tensor, y: Tensor, op: str, xname: str = "x", yname: st
 
 
 def pairwise_distance(x: Tensor, y: Tensor, metric: str = "sqeuclidean", x_mask: Optional[Tensor] = None,
-                      y_mask: Optional[Tensor] = None, *, backend: _backend.Backend = "auto") -> Tensor:
+                      y_mask: Optional[Tensor] = None, *, check_finite: bool = True,
+                      backend: _backend.Backend = "auto") -> Tensor:
     """Distances between the rows of ``x`` and ``y``.
 
     Args:
@@ -94,7 +94,9 @@ def pairwise_distance(x: Tensor, y: Tensor, metric: str = "sqeuclidean", x_mask:
         metric: ``"sqeuclidean"`` |x - y|^2, ``"euclidean"`` |x - y|, ``"cosine"`` 1 - cos (a zero row
             has cosine 0 with everything), ``"dot"`` <x, y> (a similarity).
         x_mask, y_mask: bool ``(B, n)`` / ``(B, m)``, True = real point; entries of padded points are 0
-            and their values never reach a result or a gradient.
+            and their values (even NaN) never reach a result or a gradient.
+        check_finite: check the real points for NaN/inf (a ``ValueError`` naming x or y); False
+            skips it for inputs already checked (then a NaN gives NaN or garbage in its problem).
         backend: ``"auto" | "reference" | "cpu" | "triton" | "cuda"``.
 
     Returns ``(B, n, m)`` (``(n, m)`` for unbatched input). Identical rows give exactly 0; the
@@ -108,6 +110,10 @@ def pairwise_distance(x: Tensor, y: Tensor, metric: str = "sqeuclidean", x_mask:
     xm = V.point_mask(x_mask, "x_mask", tuple(X.shape[:2]), X.device, op)
     ym = V.point_mask(y_mask, "y_mask", tuple(Y.shape[:2]), Y.device, op)
     kind = _backend.resolve(backend, X.device, op, gpu_default="triton")
+    checks = V.Checks(op, check_finite)
+    checks.finite("x", X, xm)
+    checks.finite("y", Y, ym)
+    checks.run()
     if kind == "reference":
         out = ref.pairwise_distance(X, Y, metric, xm, ym)
     else:
@@ -120,7 +126,7 @@ def _pairwise_kernel(X: Tensor, Y: Tensor, metric: str, xm: Optional[Tensor], ym
     dtype = X.dtype
     if dtype in (torch.float16, torch.bfloat16):
         X, Y = X.float(), Y.float()
-    X, Y = zero_padded(X, xm), zero_padded(Y, ym)
+    X, Y = V.masked(X, xm), V.masked(Y, ym)
     if metric == "cosine":
         X, Y = ref.unit_rows(X), ref.unit_rows(Y)
     if metric == "dot":
@@ -128,7 +134,7 @@ def _pairwise_kernel(X: Tensor, Y: Tensor, metric: str, xm: Optional[Tensor], ym
     else:
         c = masked_center(X, Y, xm, ym)
         # padded rows back to exact zeros: their pairs then skip the kernels' refinement
-        core = sqdist(zero_padded(X - c, xm), zero_padded(Y - c, ym), False, kind)
+        core = sqdist(V.masked(X - c, xm), V.masked(Y - c, ym), False, kind)
     if metric == "euclidean":
         out = ref.safe_sqrt(core)
     elif metric == "cosine":

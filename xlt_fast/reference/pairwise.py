@@ -6,11 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
-def zero_padded(x: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Padded points (mask False) replaced by zeros, so that whatever they hold (even NaN) reaches
-    no result and no gradient."""
-    return x if mask is None else torch.where(mask.unsqueeze(-1), x, 0)
+from xlt_fast._validate import masked  # padded points to zeros: no value or gradient of theirs survives
 
 
 def safe_sqrt(d2: Tensor) -> Tensor:
@@ -43,7 +39,7 @@ def pairwise_distance(x: Tensor, y: Tensor, metric: str = "sqeuclidean",
     sqeuclidean |x - y|^2, euclidean |x - y|, cosine 1 - cos(x, y), dot <x, y> (a similarity,
     kept so that every op takes the same metric names). Entries involving a padded point are 0.
     """
-    x, y = zero_padded(x, x_mask), zero_padded(y, y_mask)
+    x, y = masked(x, x_mask), masked(y, y_mask)
     if metric == "dot":
         out = x @ y.transpose(-1, -2)
     else:

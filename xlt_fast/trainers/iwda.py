@@ -356,7 +356,10 @@ class CriticLoss(nn.Module):
         self.critic, self.backend = critic, backend
 
     def forward(self, zs, zt, ps, pt, weight, alpha):
-        return self.critic.critic_gp(zs, zt, ps, pt, weight, alpha=alpha, normalize="n", backend=self.backend)
+        # no finiteness pass over the inputs: a non-finite feature makes the step's classification
+        # loss non-finite, which the engine's update check stops on
+        return self.critic.critic_gp(zs, zt, ps, pt, weight, alpha=alpha, normalize="n", check_finite=False,
+                                     backend=self.backend)
 
 
 class PseudoLabels(nn.Module):
