@@ -302,7 +302,7 @@ def negative_contrastive(anchor: Tensor, positive: Tensor, negatives: Tensor, te
     kind = _backend.resolve(backend, anchor.device, op, gpu_default="triton", available=_KERNELS)
     checks.finite("anchor", anchor)
     checks.finite("positive", positive)
-    checks.finite("negatives" if pool is None else "pool rows of the negatives", neg, negative_mask)
+    checks.finite("negatives" if pool is None else "pool (a row a real negative indexes)", neg, negative_mask)
     checks.run()
     neg = V.masked(neg, negative_mask)  # no backend reads a masked-out negative
     if kind == "reference":
