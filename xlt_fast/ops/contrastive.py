@@ -197,8 +197,8 @@ def supcon(features: Tensor, labels: Tensor, temperature: float = 0.1, metric: s
     ``features (N, d)``, integer ``labels (N,)``, optional bool ``mask (N,)`` (True = sample takes part;
     the rows of the others are never read, so they may hold anything, NaN included).
     Equals pytorch-metric-learning's ``SupConLoss(temperature)`` for cosine, except for a batch in
-    which no anchor has a negative (every sample of one label): PML returns 0 by convention, the
-    formula (and this op) gives ``log |A(i)| > 0``-type finite values.
+    which no anchor has a negative (every sample of one label): PML returns 0 by convention, while
+    the formula, and this op, give ``logsumexp_A - mean_A >= log |A(i)| > 0``.
     """
     op = "supcon"
     _rows(features, "features", op)
