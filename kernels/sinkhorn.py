@@ -53,8 +53,10 @@ def _softmin_cols(c, h, e):
 
 @triton.jit
 def _marginal_err(logw, p, pt, e):
-    w = tl.where(logw > float("-inf"), tl.exp(logw), 0.0)
-    return tl.sum(w * tl.abs(1.0 - tl.exp((p - pt) / e)), 0)
+    """sum_i w_i |1 - exp((p_i - pt_i) / e)| over points with mass: a padded lane's potentials, whose
+    exp may overflow, are never read (0 * inf would make the sum NaN and block the early exit)."""
+    real = logw > float("-inf")
+    return tl.sum(tl.where(real, tl.exp(logw) * tl.abs(1.0 - tl.exp((p - pt) / e)), 0.0), 0)
 
 
 @triton.jit

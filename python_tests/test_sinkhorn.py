@@ -10,6 +10,7 @@ Tolerances:
 - POT at fixed eps: both solvers run to convergence (1e-7 on plans and costs in float64).
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -323,3 +324,214 @@ def test_compiles_fullgraph():
     want = _run(fn, x, y)
     for g_, w in zip(got, want):
         assert torch.equal(g_, w)
+
+
+# ----------------------------------------------------------------------------- non-finite policy
+ALL_BACKENDS = [("reference", "cpu")] + BACKENDS
+NONFINITE = [float("nan"), float("inf")]
+
+
+def _planted_inputs(device):
+    """Weighted, padded problems (problem 2 has no real source point) with their padded entries."""
+    x, y, _, _ = clouds(3, 6, 5, 3, scale=0.5, dtype=torch.float32, seed=15)
+    xm = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0] * 6], dtype=torch.bool)
+    ym = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    g = torch.Generator().manual_seed(16)
+    a, b = torch.rand(3, 6, generator=g) + 0.1, torch.rand(3, 5, generator=g) + 0.1
+    inputs = {"x": x, "y": y, "a": a, "b": b}
+    padded = {"x": ~xm, "y": ~ym, "a": ~xm, "b": ~ym}
+    return {k: v.to(device) for k, v in inputs.items()}, {k: v.to(device) for k, v in padded.items()}, \
+        xm.to(device), ym.to(device)
+
+
+def _with_grads(fn, inputs):
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    v = fn(**leaves)
+    weights = torch.linspace(1, 2, v.shape[0], dtype=v.dtype, device=v.device)
+    return (v, *torch.autograd.grad((v * weights).sum(), list(leaves.values())))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("name", ["x", "y", "a", "b", "cost"])
+@pytest.mark.parametrize("bad", NONFINITE)
+def test_nonfinite_real_entry_is_an_error(backend, device, name, bad):
+    """NaN / inf in a real entry (of problem 0) is a ValueError naming the input; check_finite=False
+    skips the check, and the other problems are unaffected."""
+    inputs, padded, xm, ym = _planted_inputs(device)
+    kw = dict(x_mask=xm, y_mask=ym, backend=backend)
+    fns = [lambda **k: xlt_fast.sinkhorn(**k, **kw).cost]
+    if name == "cost":
+        inputs = {"cost": torch.rand(3, 6, 5, device=device)}
+        real = xm.unsqueeze(2) & ym.unsqueeze(1)
+    else:
+        fns.append(lambda **k: xlt_fast.sinkhorn_divergence(**k, **kw))
+        real = ~padded[name]
+    planted = dict(inputs, **{name: inputs[name].clone()})
+    planted[name][tuple(real.nonzero()[0].tolist())] = bad
+    for fn in fns:
+        with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+            fn(**planted)
+        skipped = fn(**planted, check_finite=False)
+        assert torch.equal(skipped[1:], fn(**inputs)[1:])
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("bad", NONFINITE)
+def test_nonfinite_padded_entries_are_never_read(backend, device, bad):
+    """NaN / inf in padded entries of x, y, a, b give exactly the unplanted values and gradients."""
+    inputs, padded, xm, ym = _planted_inputs(device)
+    planted = {k: torch.where(padded[k].unsqueeze(-1) if v.dim() == 3 else padded[k], bad, v)
+               for k, v in inputs.items()}
+    fns = [lambda **k: xlt_fast.sinkhorn(**k, x_mask=xm, y_mask=ym, backend=backend).cost,
+           lambda **k: xlt_fast.sinkhorn_divergence(**k, x_mask=xm, y_mask=ym, backend=backend)]
+    for fn in fns:
+        want, got = _with_grads(fn, inputs), _with_grads(fn, planted)
+        for w, g_ in zip(want, got):
+            assert torch.isfinite(g_).all() and torch.equal(g_, w)
+    r_want = xlt_fast.sinkhorn(**inputs, x_mask=xm, y_mask=ym, return_plan=True, backend=backend)
+    r_got = xlt_fast.sinkhorn(**planted, x_mask=xm, y_mask=ym, return_plan=True, backend=backend)
+    for field in ("f", "g", "plan", "n_iters", "marginal_error"):
+        assert torch.equal(getattr(r_got, field), getattr(r_want, field))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("bad", NONFINITE)
+def test_nonfinite_padded_cost_entries_are_never_read(backend, device, bad):
+    _, _, xm, ym = _planted_inputs(device)
+    C = torch.rand(3, 6, 5, device=device)
+    real = xm.unsqueeze(2) & ym.unsqueeze(1)
+    outs = []
+    for cost in (C, torch.where(real, C, bad)):
+        cr = cost.clone().requires_grad_()
+        r = xlt_fast.sinkhorn(cost=cr, x_mask=xm, y_mask=ym, eps=0.1, return_plan=True, backend=backend)
+        (gC,) = torch.autograd.grad(r.cost.sum(), (cr,))
+        outs.append((r.cost, gC, r.f, r.g, r.plan, r.marginal_error))
+    for w, g_ in zip(*outs):
+        assert torch.isfinite(g_).all() and torch.equal(g_, w)
+    assert (outs[1][1][~real] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_extreme_weights_are_normalised(backend):
+    """Weights whose total underflows (subnormal) or overflows the points' dtype are still
+    normalised: the same result as the uniform weights they are proportional to."""
+    x, y, xm, ym = clouds(2, 6, 5, 3, dtype=torch.float32, masks=True, seed=17)
+    want = xlt_fast.sinkhorn(x, y, x_mask=xm, y_mask=ym, backend=backend).cost
+    for a in (torch.full((2, 6), 1e-40), torch.full((2, 6), 1e300, dtype=torch.float64)):
+        got = xlt_fast.sinkhorn(x, y, a, x_mask=xm, y_mask=ym, backend=backend).cost
+        assert rel(got, want) < 1e-6
+
+
+# ----------------------------------------------------------------------------- degenerate plans
+def test_hard_coupling_zero_columns_and_problems():
+    P = torch.tensor([[[0.0, 0.5, 0.0], [0.0, 0.2, 0.3]], [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    H = xlt_fast.hard_coupling(P)
+    want = torch.tensor([[[0, 1 / 3, 0], [0, 0, 1 / 3]], [[0, 0, 0], [0, 0, 0]]])
+    assert torch.equal(H, want)  # an all-zero column and an all-zero problem get no mass
+    assert torch.equal(xlt_fast.hard_coupling(torch.zeros(0, 4)), torch.zeros(0, 4))
+
+
+def test_hard_coupling_nonfinite():
+    P = torch.tensor([[[0.1, 0.5, 0.0], [0.3, 0.2, 0.0]]])
+    ym = torch.tensor([[True, True, False]])
+    want = xlt_fast.hard_coupling(P, ym)
+    for bad in NONFINITE:
+        planted = P.clone()
+        planted[0, :, 2] = bad  # a padded column: never read
+        assert torch.equal(xlt_fast.hard_coupling(planted, ym), want)
+        planted[0, 1, 0] = bad
+        with pytest.raises(ValueError, match="plan contains NaN or inf"):
+            xlt_fast.hard_coupling(planted, ym)
+        assert xlt_fast.hard_coupling(planted, ym, check_finite=False).shape == P.shape
+
+
+def test_average_plans_bad_inputs():
+    P = torch.rand(2, 3, 4)
+    with pytest.raises(ValueError, match="plans is an empty list"):
+        xlt_fast.average_plans([])
+    with pytest.raises(ValueError, match="L >= 1"):
+        xlt_fast.average_plans(torch.zeros(0, 2, 3, 4))
+    with pytest.raises(ValueError, match=r"plans\[1\] has shape \(2, 3, 5\) but plans\[0\] has \(2, 3, 4\)"):
+        xlt_fast.average_plans([P, torch.rand(2, 3, 5)])
+    with pytest.raises(TypeError, match=r"plans\[1\] has dtype torch.float64"):
+        xlt_fast.average_plans([P, P.double()])
+    with pytest.raises(ValueError, match=r"plans\[1\] is on meta"):
+        xlt_fast.average_plans([P, P.to("meta")])
+    with pytest.raises(TypeError, match=r"plans\[0\] must be a floating tensor"):
+        xlt_fast.average_plans([P.long(), P.long()])
+    for bad in NONFINITE:
+        Q = P.clone()
+        Q[1, 2, 3] = bad
+        with pytest.raises(ValueError, match=r"plans\[1\] contains NaN or inf"):
+            xlt_fast.average_plans([P, Q])
+        with pytest.raises(ValueError, match="plans contains NaN or inf"):
+            xlt_fast.average_plans(torch.stack([P, Q]))
+        assert xlt_fast.average_plans([P, Q], check_finite=False).shape == P.shape
+    assert torch.equal(xlt_fast.average_plans(torch.stack([P, 3 * P])), 2 * P)
+
+
+# ----------------------------------------------------------------------------- non-convergence
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_unconverged_tol_warns_and_marginal_error(backend, device):
+    """eps-scaling to blur = 1e-4 on a cost in [-1, 1] stops far from convergence (marginals off by
+    ~0.3 after 1000 iterations as after 100; POT warns here too); a moderate eps converges.
+    marginal_error agrees with the returned plan's marginals."""
+    from xlt_fast.ops.sinkhorn import ConvergenceWarning
+    g = torch.Generator().manual_seed(18)
+    C = (2 * torch.rand(2, 12, 10, generator=g, dtype=torch.float64) - 1).to(device)
+    if backend == "triton":
+        C = C.float()
+
+    def plan_violation(r):
+        return (r.plan.sum(2) - 1 / 12).abs().sum(1) + (r.plan.sum(1) - 1 / 10).abs().sum(1)
+
+    with pytest.warns(ConvergenceWarning, match=r"2 of 2 problems did not reach tol=0.001 in n_iters=100 "
+                                                r"\(largest marginal violation 0\.\d+\)"):
+        r = xlt_fast.sinkhorn(cost=C, blur=1e-4, n_iters=100, tol=1e-3, return_plan=True, backend=backend)
+    assert (r.marginal_error > 0.1).all() and (plan_violation(r) > 0.1).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        xlt_fast.sinkhorn(cost=C, blur=1e-4, n_iters=100, tol=1e-3, warn=False, backend=backend)
+        xlt_fast.sinkhorn(cost=C, blur=1e-4, n_iters=100, backend=backend)  # no tol: read marginal_error
+        r = xlt_fast.sinkhorn(cost=C, eps=0.2, n_iters=1000, tol=1e-5, return_plan=True, backend=backend)
+        assert (r.marginal_error < 1e-5).all() and (plan_violation(r) < 1e-5).all()
+        assert (r.n_iters < 1000).all()
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_unconverged_divergence_warns(backend, device):
+    from xlt_fast.ops.sinkhorn import ConvergenceWarning
+    x, y, xm, ym = clouds(2, 6, 5, 3, scale=0.5, dtype=torch.float32, masks=True, seed=19)
+    x, y, xm, ym = x.to(device), y.to(device), xm.to(device), ym.to(device)
+    with pytest.warns(ConvergenceWarning, match=r"sinkhorn_divergence: \d of 2 problems did not reach tol"):
+        xlt_fast.sinkhorn_divergence(x, y, x_mask=xm, y_mask=ym, n_iters=2, tol=1e-4, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        xlt_fast.sinkhorn_divergence(x, y, x_mask=xm, y_mask=ym, blur=0.5, n_iters=1000, tol=1e-4,
+                                     backend=backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA default needs a GPU")
+def test_unconverged_warning_is_opt_in_on_cuda():
+    from xlt_fast.ops.sinkhorn import ConvergenceWarning
+    C = 2 * torch.rand(2, 12, 10, device="cuda") - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        r = xlt_fast.sinkhorn(cost=C, blur=1e-4, n_iters=1000, tol=1e-3, backend="triton")
+    assert (r.marginal_error > 0.1).all()
+    with pytest.warns(ConvergenceWarning):
+        xlt_fast.sinkhorn(cost=C, blur=1e-4, n_iters=1000, tol=1e-3, warn=True, backend="triton")
+
+
+def test_compiles_fullgraph_with_tol():
+    """The value checks and the convergence warning are skipped while tracing: no graph break."""
+    x, y, xm, ym = clouds(2, 6, 5, 3, scale=0.5, dtype=torch.float32, masks=True, seed=19)
+    fn = lambda u, v: xlt_fast.sinkhorn_divergence(u, v, x_mask=xm, y_mask=ym, n_iters=2, tol=1e-4,  # noqa: E731
+                                                   backend="cpu")
+    from xlt_fast.ops.sinkhorn import ConvergenceWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, y)
+    with pytest.warns(ConvergenceWarning):
+        want = fn(x, y)
+    assert torch.equal(got, want)

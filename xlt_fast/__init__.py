@@ -7,7 +7,7 @@ from xlt_fast.ops.contrastive import info_nce, negative_contrastive, negative_le
 from xlt_fast.ops.coupling import coupling
 from xlt_fast.ops.critic import critic_gp
 from xlt_fast.ops.pairwise import pairwise_distance
-from xlt_fast.ops.sinkhorn import (SinkhornResult, average_plans, hard_coupling, sinkhorn,
+from xlt_fast.ops.sinkhorn import (ConvergenceWarning, SinkhornResult, average_plans, hard_coupling, sinkhorn,
                                    sinkhorn_divergence)
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "sinkhorn",
     "sinkhorn_divergence",
     "SinkhornResult",
+    "ConvergenceWarning",
     "hard_coupling",
     "average_plans",
     "coupling",

@@ -52,7 +52,7 @@ class Checks:
     ``finite(name, t, mask)`` adds "the real entries of t are finite" (``mask``: True = real, over
     t's leading dims); ``add(bad, message)`` adds any bool tensor (True = bad). ``run()`` raises the
     ``ValueError`` of the first failed check, after one device-to-host transfer for all of them.
-    Nothing is checked while tracing (``torch.compile``, fake tensors).
+    Nothing is checked while tracing (``torch.compile``, fake tensors) or capturing a CUDA graph.
     """
 
     def __init__(self, op: str, check_finite: bool = True) -> None:
@@ -63,7 +63,7 @@ class Checks:
 
     def _skip(self, t: Tensor) -> bool:
         if self._tracing is None:
-            self._tracing = _tracing(t)
+            self._tracing = not data_checks(t)
         return self._tracing
 
     def finite(self, name: str, t: Optional[Tensor], mask: Optional[Tensor] = None) -> None:
@@ -95,6 +95,14 @@ def _tracing(t: Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return torch.compiler.is_compiling() or is_fake(t)  # dynamo cannot trace is_fake
+
+
+def data_checks(t: Tensor) -> bool:
+    """Whether checks that read data (a host sync) may run: eagerly only, not while tracing or
+    compiling, nor during CUDA-graph capture (no read-back can run there)."""
+    if torch.compiler.is_compiling():  # first: dynamo folds it and never traces the rest
+        return False
+    return not (_tracing(t) or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def points(t: Tensor, name: str, op: str) -> Tensor:

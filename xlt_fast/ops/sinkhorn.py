@@ -4,7 +4,13 @@ Math and semantics: ``xlt_fast.reference.sinkhorn`` (GeomLoss's eps-scaling and 
 003 eq. 1; Feydy's thesis Alg. 3.5). Costs follow ARCHITECTURE section 2 rather than the issue's
 wording: ``"half_sqeuclidean"`` |x - y|^2 / 2 is the default (GeomLoss p = 2), so that
 ``sinkhorn_divergence(x, y)`` equals ``geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05,
-scaling=0.5, debias=True)`` per problem; ``"sqeuclidean"`` is |x - y|^2 as in every op.
+scaling=0.5, debias=True)`` per problem (the cases where the conventions differ are listed in
+:func:`sinkhorn_divergence`); ``"sqeuclidean"`` is |x - y|^2 as in every op.
+
+Inputs follow the non-finite policy of ``xlt_fast._validate``: the real entries of every floating
+input are checked (one read-back per call, ``check_finite=False`` skips), padded entries are zeroed
+at the op boundary, so no backend reads them. Non-convergence is reported, not hidden:
+``SinkhornResult.marginal_error`` always, a :class:`ConvergenceWarning` when ``tol`` is missed.
 
 Custom ops:
 - ``xlt_fast::sinkhorn_solve`` runs the loop on a detached cost (C++ CPU kernel or Triton kernel);
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -302,6 +309,10 @@ sinkhorn_matrix.register_autograd(_matrix_backward, setup_context=_matrix_setup)
 
 
 # ----------------------------------------------------------------------------- public API
+class ConvergenceWarning(RuntimeWarning):
+    """A call with ``tol`` ended with some problem's marginal violation still above ``tol``."""
+
+
 @dataclasses.dataclass
 class SinkhornResult:
     """Result of :func:`sinkhorn` (batch dimension dropped for unbatched inputs).
@@ -310,6 +321,16 @@ class SinkhornResult:
     ``(B, n)``, ``(B, m)`` (0 on padded points), detached. plan: ``(B, n, m)`` when asked,
     ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``, detached. n_iters: Sinkhorn updates per
     problem ``(B,)`` (int32). eps: the final temperature.
+
+    marginal_error: ``(B,)``, detached: how far each problem is from convergence, the L1 violation
+    ``|P' 1 - a|_1 + |P'^T 1 - b|_1`` of the plan ``P'`` of the potentials ``f', g'`` before the
+    last (extrapolation) update, ``sum_i a_i |1 - exp((f'_i - f_i) / eps)| + sum_j b_j |1 -
+    exp((g'_j - g_j) / eps)|``: the quantity that ``tol`` bounds, computed on the device (no host
+    sync); the returned plan, one update further, is about as close. Reading it: below ``tol``
+    means converged (its float32 floor is about 1e-7 max|f| / eps); each side lies in [0, 1] when
+    mass is missing and is unbounded when in excess; a value like 0.1 means that cost, potentials
+    and plan are not the entropic optimum (raise ``n_iters``, or ``eps`` / ``blur``). 0 for problems
+    without mass.
     """
     cost: Tensor
     f: Tensor
@@ -317,37 +338,44 @@ class SinkhornResult:
     plan: Optional[Tensor]
     n_iters: Tensor
     eps: float
+    marginal_error: Tensor
 
 
-def _data_checks(t: Tensor) -> bool:
-    """Checks that read data (a host sync) run eagerly only: not while tracing / compiling, nor
-    during CUDA-graph capture."""
-    if torch.compiler.is_compiling():  # first: dynamo folds it and never traces the rest
-        return False
-    return not (V._tracing(t) or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
-
-
-def _weights(w: Optional[Tensor], name: str, mask: Tensor, like: Tensor, op: str) -> Tensor:
-    """Validate user weights ``(B, n)`` / ``(n,)`` and normalise them over the real points."""
-    B, n = mask.shape
+def _weights(w: Optional[Tensor], name: str, mask: Optional[Tensor], shape: tuple[int, int], like: Tensor,
+             checks: V.Checks, op: str) -> Tensor:
+    """User weights ``(B, n)`` / ``(n,)`` normalised over the real points (``mask``; None: all are
+    real), in ``like``'s dtype; their value checks are added to ``checks``."""
     if w is None:
-        real = mask.to(like.dtype)
+        real = like.new_ones(shape) if mask is None else mask.to(like.dtype)
         return real / real.sum(1, keepdim=True).clamp_min(1)
     V.floating(w, name, op)
     if w.dim() == 1:
         w = w.unsqueeze(0)
-    if tuple(w.shape) != (B, n):
-        raise ValueError(f"{op}: {name} must have shape ({B}, {n}) (B, n) matching the points, got {tuple(w.shape)}")
+    if tuple(w.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)} (B, n) matching the points, got "
+                         f"{tuple(w.shape)}")
     if w.device != like.device:
         raise ValueError(f"{op}: {name} is on {w.device} but the points are on {like.device}")
-    w = torch.where(mask, w.to(like.dtype), 0)
-    if _data_checks(w):
-        V.finite(w, name, op)
-        if bool((w < 0).any()):
-            raise ValueError(f"{op}: {name} must be non-negative")
-        if bool(((w.sum(1) <= 0) & mask.any(1)).any()):
-            raise ValueError(f"{op}: {name} must have a positive total over the real points of each problem")
+    checks.finite(name, w, mask)
+    w = V.masked(w, mask).to(torch.promote_types(w.dtype, like.dtype))
+    top = w.detach().amax(1, keepdim=True)
+    checks.add((w < 0).any(), f"{name} must be non-negative")
+    empty = top[:, 0] <= 0
+    checks.add((empty if mask is None else empty & mask.any(1)).any(),
+               f"{name} must have a positive total over the real points of each problem")
+    # divided by the largest weight first: the total neither overflows nor underflows
+    w = (w / top.clamp_min(torch.finfo(w.dtype).tiny)).to(like.dtype)
     return w / w.sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def _masses(a, b, xm, ym, shape, like, checks, op) -> tuple[Tensor, Tensor]:
+    """Normalised weights ``(B, n)``, ``(B, m)``; a problem without a real point on one side has no
+    mass on either (it gives 0)."""
+    B, n, m = shape
+    aw = _weights(a, "a", xm, (B, n), like, checks, op)
+    bw = _weights(b, "b", ym, (B, m), like, checks, op)
+    live = ((aw.sum(1) > 0) & (bw.sum(1) > 0)).unsqueeze(1)
+    return aw * live, bw * live
 
 
 def _options(eps, blur, scaling, n_iters, tol, op) -> tuple[float, float, float, int, float]:
@@ -364,105 +392,145 @@ def _options(eps, blur, scaling, n_iters, tol, op) -> tuple[float, float, float,
     return eps_v, blur, scaling, n_iters, tol_v
 
 
-def _prepare_points(x, y, a, b, x_mask, y_mask, cost, op):
+def _prepare_points(x, y, a, b, x_mask, y_mask, cost, check_finite, op):
+    """Batched points (padded rows zeroed), normalised weights and full masks; all value checks of
+    the call in one read-back."""
     V.choice(cost, "cost", COSTS, op)
     X, Y = check_points_pair(x, y, op)
     B, n, m = X.shape[0], X.shape[1], Y.shape[1]
     xm = V.point_mask(x_mask, "x_mask", (B, n), X.device, op)
     ym = V.point_mask(y_mask, "y_mask", (B, m), Y.device, op)
-    if _data_checks(X):  # one reduction each; the full check (and its message) only on failure
-        if not bool(torch.isfinite(X.sum() + Y.sum())):
-            V.finite(X, "x", op)
-            V.finite(Y, "y", op)
+    checks = V.Checks(op, check_finite)
+    checks.finite("x", X, xm)
+    checks.finite("y", Y, ym)
+    X, Y = V.masked(X, xm), V.masked(Y, ym)
     if X.dtype in (torch.float16, torch.bfloat16):
         X, Y = X.float(), Y.float()
+    aw, bw = _masses(a, b, xm, ym, (B, n, m), X, checks, op)
+    checks.run()
     xm, ym = _masks(xm, ym, B, n, m, X.device)
-    aw = _weights(a, "a", xm, X, op)
-    bw = _weights(b, "b", ym, X, op)
-    # a problem without a real point on one side has no mass on either: it gives 0
-    live = ((aw.sum(1) > 0) & (bw.sum(1) > 0)).unsqueeze(1)
-    return X, Y, aw * live, bw * live, xm, ym
+    return X, Y, aw, bw, xm, ym
+
+
+def _prepare_cost(cost, a, b, x_mask, y_mask, check_finite, op):
+    """Batched precomputed cost (padded pairs zeroed), normalised weights, full masks and the mask
+    of real pairs; all value checks of the call in one read-back."""
+    V.floating(cost, "cost", op)
+    Cm = cost.unsqueeze(0) if cost.dim() == 2 else cost
+    if Cm.dim() != 3 or 0 in Cm.shape:
+        raise ValueError(f"{op}: a precomputed cost must have shape (B, n, m) or (n, m) with n, m >= 1, "
+                         f"got {tuple(cost.shape)}")
+    B, n, m = Cm.shape
+    xm = V.point_mask(x_mask, "x_mask", (B, n), Cm.device, op)
+    ym = V.point_mask(y_mask, "y_mask", (B, m), Cm.device, op)
+    xf, yf = _masks(xm, ym, B, n, m, Cm.device)
+    real = xf.unsqueeze(2) & yf.unsqueeze(1)
+    given = None if xm is None and ym is None else real
+    checks = V.Checks(op, check_finite)
+    checks.finite("cost", Cm, given)
+    Cm = V.masked(Cm, given)
+    if Cm.dtype in (torch.float16, torch.bfloat16):
+        Cm = Cm.float()
+    aw, bw = _masses(a, b, xm, ym, (B, n, m), Cm, checks, op)
+    checks.run()
+    return Cm, aw, bw, xf, yf, real
+
+
+def _kernel_result(value, F, G, iters, C, aw, bw, xm, ym, eps, return_plan) -> dict:
+    """A kernel op's outputs (``F[:, :2] = [f, f_prev]``, likewise ``G``) as the reference's dict."""
+    f, g = F[:, 0] * xm, G[:, 0] * ym
+    return {"value": value, "f": f, "g": g, "iters": iters,
+            "marginal_error": ref.marginal_error(aw, F[:, 1], F[:, 0], bw, G[:, 1], G[:, 0], eps),
+            "plan": _full_plan(f, g, C, aw, bw, eps) if return_plan else None}
+
+
+def _warn_unconverged(err: Tensor, tol: Optional[float], warn: Optional[bool], n_iters: int, op: str) -> None:
+    """:class:`ConvergenceWarning` when ``tol`` was asked for and a problem's marginal violation is
+    above it (or NaN). ``warn`` None: on CPU tensors only (elsewhere the read-back is a host sync);
+    never while tracing or capturing."""
+    if tol is None or warn is False or (warn is None and err.device.type != "cpu") or not V.data_checks(err):
+        return
+    count, worst = torch.stack([(~(err <= tol)).sum().to(err.dtype), err.max()]).tolist()
+    if count:
+        warnings.warn(f"{op}: {int(count)} of {err.numel()} problems did not reach tol={tol:g} in n_iters={n_iters} "
+                      f"(largest marginal violation {worst:.3g}); raise n_iters, or eps / blur",
+                      ConvergenceWarning, stacklevel=3)
 
 
 def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional[Tensor] = None,
              b: Optional[Tensor] = None, x_mask: Optional[Tensor] = None, y_mask: Optional[Tensor] = None, *,
              cost: Union[str, Tensor] = "half_sqeuclidean", eps: Optional[float] = None, blur: float = 0.05,
              scaling: float = 0.5, n_iters: Optional[int] = None, tol: Optional[float] = None,
-             return_plan: bool = False, backend: _backend.Backend = "auto") -> SinkhornResult:
+             return_plan: bool = False, check_finite: bool = True, warn: Optional[bool] = None,
+             backend: _backend.Backend = "auto") -> SinkhornResult:
     """Entropic OT ``OT_eps(a, b) = min_P <P, C> + eps KL(P | a (x) b)`` per problem (seed 003 eq. 1).
 
     Args:
         x, y: points ``(B, n, d)``, ``(B, m, d)`` (or unbatched ``(n, d)``); None with a tensor cost.
         a, b: non-negative weights ``(B, n)``, ``(B, m)``, normalised over the real points
             (default uniform).
-        x_mask, y_mask: bool ``(B, n)``, ``(B, m)``, True = real point; padded points carry no mass.
+        x_mask, y_mask: bool ``(B, n)``, ``(B, m)``, True = real point; padded points carry no mass,
+            and their entries of x, y, a, b and cost are replaced by zeros first: whatever they hold
+            (even NaN / inf) reaches no result and no gradient, on every backend.
         cost: ``"half_sqeuclidean"`` |x - y|^2 / 2 (default, GeomLoss p = 2), ``"sqeuclidean"``
             |x - y|^2, ``"euclidean"`` |x - y| (p = 1), ``"cosine"`` 1 - cos (seed 001; p = 1), or a
             precomputed cost tensor ``(B, n, m)`` (p = 1; x and y must then be None).
         eps: fixed temperature; None uses eps-scaling from each problem's own diameter D (for cosine
             and precomputed costs the range of the cost) to ``blur**p`` by factors ``scaling**p``.
         n_iters: updates at the final eps (default 1 with eps-scaling, as GeomLoss; 100 with a fixed eps).
-        tol: early exit per problem once the L1 violation of the marginals is below ``tol``.
+        tol: early exit per problem once its marginal violation (``marginal_error``) is below ``tol``.
         return_plan: also return the plan ``(B, n, m)``.
+        check_finite: reject NaN / inf in the real entries of x, y, a, b or cost (``ValueError``
+            naming it; one host read-back with the range checks). False skips it, for inputs checked
+            already; a NaN then spoils its problem.
+        warn: when ``tol`` is given and a problem ends above it, warn (:class:`ConvergenceWarning`,
+            with the count and the largest violation). None (default): on CPU tensors only, since on
+            a GPU the check is a host sync (pass True for it); never while tracing or capturing.
         backend: ``"auto" | "reference" | "cpu" | "triton"``.
 
-    Returns a :class:`SinkhornResult`. Problems with no real point on a side give 0 everywhere.
-    Gradients (of ``cost`` only) by the envelope theorem; see the module docstring.
+    Returns a :class:`SinkhornResult`; read ``marginal_error`` to know whether a problem converged
+    (no warning without ``tol``). Problems with no real point on a side give 0 everywhere.
+    Gradients (of ``cost`` only) by the envelope theorem; see the module docstring. At a fixed eps
+    and convergence the plan is POT's ``ot.sinkhorn(a, b, C, eps, method="sinkhorn_log")``, but
+    ``cost`` is the entropic value ``<P, C> + eps KL(P | a (x) b)``, not ``ot.sinkhorn2``'s
+    ``<P, C>``; POT's iterates (alternate updates, a stopping rule on the L2 violation of b, a
+    warning at ``numItermax``) differ from these (averaged updates, the L1 violation of a and b).
     """
     op = "sinkhorn"
     eps_v, blur, scaling, n_iters, tol_v = _options(eps, blur, scaling, n_iters, tol, op)
+    ref_eps, ref_tol = (None if eps is None else eps_v), (None if tol is None else tol_v)
     if isinstance(cost, Tensor):
         if x is not None or y is not None:
             raise ValueError(f"{op}: with a precomputed cost tensor, x and y must be None")
-        V.floating(cost, "cost", op)
-        unbatched = cost.dim() == 2
-        Cm = cost.unsqueeze(0) if unbatched else cost
-        if Cm.dim() != 3 or 0 in Cm.shape:
-            raise ValueError(f"{op}: a precomputed cost must have shape (B, n, m) or (n, m) with n, m >= 1, "
-                             f"got {tuple(cost.shape)}")
-        if _data_checks(Cm):
-            V.finite(Cm, "cost", op)
-        B, n, m = Cm.shape
-        xm = V.point_mask(x_mask, "x_mask", (B, n), Cm.device, op)
-        ym = V.point_mask(y_mask, "y_mask", (B, m), Cm.device, op)
-        if Cm.dtype in (torch.float16, torch.bfloat16):
-            Cm = Cm.float()
-        xm, ym = _masks(xm, ym, B, n, m, Cm.device)
-        aw, bw = _weights(a, "a", xm, Cm, op), _weights(b, "b", ym, Cm, op)
-        live = ((aw.sum(1) > 0) & (bw.sum(1) > 0)).unsqueeze(1)
-        aw, bw = aw * live, bw * live
-        real = xm.unsqueeze(2) & ym.unsqueeze(1)
-        Cm = Cm.masked_fill(~real, 0)
+        unbatched, dtype = cost.dim() == 2, cost.dtype
+        Cm, aw, bw, xm, ym, real = _prepare_cost(cost, a, b, x_mask, y_mask, check_finite, op)
         kind = _backend.resolve(backend, Cm.device, op, available=("reference", "cpu", "triton"))
         target = _target_eps(eps_v, blur, 1)
         if kind == "reference":
-            r = ref.sinkhorn(None, None, aw, bw, xm, ym, Cm, None if eps is None else eps_v, blur, scaling,
-                             n_iters, None if tol is None else tol_v, return_plan=return_plan)
-            value, f, g, iters, plan = r["value"], r["f"], r["g"], r["iters"], r.get("plan")
+            r = ref.sinkhorn(None, None, aw, bw, xm, ym, Cm, ref_eps, blur, scaling, n_iters, ref_tol,
+                             return_plan=return_plan)
         else:
             value, F, G, iters = sinkhorn_matrix(Cm, aw, bw, real, eps_v, blur, scaling, n_iters, tol_v, kind)
-            f, g = F[:, 0] * xm, G[:, 0] * ym
-            plan = _full_plan(f, g, Cm.detach(), aw, bw, target) if return_plan else None
-        value = value.to(cost.dtype)
+            r = _kernel_result(value, F, G, iters, Cm.detach(), aw, bw, xm, ym, target, return_plan)
     else:
         unbatched = isinstance(x, Tensor) and x.dim() == 2
-        X, Y, aw, bw, xm, ym = _prepare_points(x, y, a, b, x_mask, y_mask, cost, op)
+        X, Y, aw, bw, xm, ym = _prepare_points(x, y, a, b, x_mask, y_mask, cost, check_finite, op)
+        dtype = x.dtype
         kind = _backend.resolve(backend, X.device, op, available=("reference", "cpu", "triton"))
         target = _target_eps(eps_v, blur, ref.COST_P[cost])
         if kind == "reference":
-            r = ref.sinkhorn(X, Y, aw, bw, xm, ym, cost, None if eps is None else eps_v, blur, scaling, n_iters,
-                             None if tol is None else tol_v, return_plan=return_plan)
-            value, f, g, iters, plan = r["value"], r["f"], r["g"], r["iters"], r.get("plan")
+            r = ref.sinkhorn(X, Y, aw, bw, xm, ym, cost, ref_eps, blur, scaling, n_iters, ref_tol,
+                             return_plan=return_plan)
         else:
             value, F, G, iters, C, _, _ = sinkhorn_points(X, Y, aw, bw, xm, ym, cost, eps_v, blur, scaling, n_iters,
                                                           tol_v, False, kind)
-            f, g = F[:, 0], G[:, 0]
-            plan = _full_plan(f, g, C, aw, bw, target) if return_plan else None
-        value = value.to(x.dtype)
+            r = _kernel_result(value, F, G, iters, C, aw, bw, xm, ym, target, return_plan)
+    _warn_unconverged(r["marginal_error"], tol, warn, n_iters, op)
+    out = [r["value"].to(dtype), r["f"], r["g"], r.get("plan"), r["iters"], r["marginal_error"]]
     if unbatched:
-        value, f, g, iters = value[0], f[0], g[0], iters[0]
-        plan = plan[0] if plan is not None else None
-    return SinkhornResult(value, f, g, plan, iters, target)
+        out = [t if t is None else t[0] for t in out]
+    value, f, g, plan, iters, err = out
+    return SinkhornResult(value, f, g, plan, iters, target, err)
 
 
 def _full_plan(f: Tensor, g: Tensor, C: Tensor, aw: Tensor, bw: Tensor, eps: float) -> Tensor:
@@ -476,34 +544,55 @@ def sinkhorn_divergence(x: Tensor, y: Tensor, a: Optional[Tensor] = None, b: Opt
                         x_mask: Optional[Tensor] = None, y_mask: Optional[Tensor] = None, *,
                         cost: str = "half_sqeuclidean", eps: Optional[float] = None, blur: float = 0.05,
                         scaling: float = 0.5, n_iters: Optional[int] = None, tol: Optional[float] = None,
+                        check_finite: bool = True, warn: Optional[bool] = None,
                         backend: _backend.Backend = "auto") -> Tensor:
     """Debiased Sinkhorn divergence ``S = OT(a,b) - OT(a,a)/2 - OT(b,b)/2`` per problem, ``(B,)``.
 
-    Same arguments as :func:`sinkhorn` (point clouds only). With the defaults it equals
-    ``geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.5, debias=True)(a, x, b, y)`` per
-    problem (GeomLoss's tensorized batch shares one diameter across the batch; here each problem
-    uses its own). Differentiable in x, y, a, b (envelope theorem, no stored iterations).
+    Same arguments as :func:`sinkhorn` (point clouds only); the ``tol`` warning covers the three
+    problems. Differentiable in x, y, a, b (envelope theorem, no stored iterations).
+
+    With the defaults it equals ``geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.5,
+    debias=True)(a, x, b, y)`` per problem (and ``sinkhorn(...).cost`` the ``debias=False`` loss),
+    except where the conventions differ:
+
+    - eps-scaling starts from each problem's own diameter (GeomLoss's tensorized batch shares the
+      largest one); a diameter below ``blur`` starts at ``blur^p`` (GeomLoss anneals upward);
+    - ``a``, ``b`` are normalised over the real points (GeomLoss takes weights as given);
+    - ``"sqeuclidean"`` is |x - y|^2, twice GeomLoss's p = 2 cost; ``"cosine"`` (no GeomLoss cost)
+      anneals from the range of the cost;
+    - ``eps``, ``n_iters > 1`` and ``tol`` have no GeomLoss counterpart (it always anneals and
+      makes one update at ``blur^p``);
+    - a problem without a real point on a side gives 0.
     """
     op = "sinkhorn_divergence"
     eps_v, blur, scaling, n_iters, tol_v = _options(eps, blur, scaling, n_iters, tol, op)
     if not isinstance(cost, str):
         raise TypeError(f"{op}: cost must be one of {COSTS}; the divergence needs point clouds")
     unbatched = isinstance(x, Tensor) and x.dim() == 2
-    X, Y, aw, bw, xm, ym = _prepare_points(x, y, a, b, x_mask, y_mask, cost, op)
+    X, Y, aw, bw, xm, ym = _prepare_points(x, y, a, b, x_mask, y_mask, cost, check_finite, op)
     kind = _backend.resolve(backend, X.device, op, available=("reference", "cpu", "triton"))
+    target = _target_eps(eps_v, blur, ref.COST_P[cost])
     if kind == "reference":
-        value = ref.sinkhorn(X, Y, aw, bw, xm, ym, cost, None if eps is None else eps_v, blur, scaling, n_iters,
-                             None if tol is None else tol_v, debias=True)["value"]
+        r = ref.sinkhorn(X, Y, aw, bw, xm, ym, cost, None if eps is None else eps_v, blur, scaling, n_iters,
+                         None if tol is None else tol_v, debias=True)
+        value, err = r["value"], r["marginal_error"]
     else:
-        value = sinkhorn_points(X, Y, aw, bw, xm, ym, cost, eps_v, blur, scaling, n_iters, tol_v, True, kind)[0]
+        value, F, G = sinkhorn_points(X, Y, aw, bw, xm, ym, cost, eps_v, blur, scaling, n_iters, tol_v, True,
+                                      kind)[:3]
+        err = ref.marginal_error(aw, F[:, 1], F[:, 0], bw, G[:, 1], G[:, 0], target)
+        for w, P in ((aw, F), (bw, G)):  # OT(a, a), OT(b, b): symmetric, g = f
+            err = torch.maximum(err, ref.marginal_error(w, P[:, 3], P[:, 2], w, P[:, 3], P[:, 2], target))
+    _warn_unconverged(err, tol, warn, n_iters, op)
     value = value.to(x.dtype)
     return value[0] if unbatched else value
 
 
-def hard_coupling(plan: Tensor, y_mask: Optional[Tensor] = None) -> Tensor:
+def hard_coupling(plan: Tensor, y_mask: Optional[Tensor] = None, *, check_finite: bool = True) -> Tensor:
     """Seed 001 eq. 6: per target column j, mass ``1 / n_t`` on ``argmax_i plan_ij`` (n_t = number of
-    real target points), 0 elsewhere and on padded columns. ``(B, n, m)`` or ``(n, m)``; not
-    differentiable (a selection)."""
+    real target points), 0 elsewhere. A column without positive mass gets none: padded columns
+    (``y_mask`` False, never read), all-zero columns, every column of a problem without real source
+    points. ``(B, n, m)`` or ``(n, m)``; not differentiable (a selection). NaN / inf in a real column
+    is a ``ValueError`` (``check_finite=False`` skips the check, one host read-back)."""
     op = "hard_coupling"
     V.floating(plan, "plan", op)
     unbatched = plan.dim() == 2
@@ -512,16 +601,47 @@ def hard_coupling(plan: Tensor, y_mask: Optional[Tensor] = None) -> Tensor:
         raise ValueError(f"{op}: plan must have shape (B, n, m) or (n, m), got {tuple(plan.shape)}")
     B, n, m = P.shape
     ym = V.point_mask(y_mask, "y_mask", (B, m), P.device, op)
-    ym = torch.ones(B, m, dtype=torch.bool, device=P.device) if ym is None else ym
-    nt = ym.sum(1).clamp_min(1).to(P.dtype).view(B, 1, 1)
-    hard = torch.zeros_like(P).scatter_(1, P.detach().argmax(1, keepdim=True), 1.0)
-    out = hard * ym.unsqueeze(1).to(P.dtype) / nt
+    cols = None if ym is None else ym.unsqueeze(1).expand(B, n, m)
+    checks = V.Checks(op, check_finite)
+    checks.finite("plan", P, cols)
+    checks.run()
+    if n == 0:
+        return torch.zeros_like(plan)
+    top, idx = V.masked(P.detach(), cols).max(1, keepdim=True)
+    nt = float(m) if ym is None else ym.sum(1).clamp_min(1).to(P.dtype).view(B, 1, 1)
+    out = torch.zeros_like(P).scatter_(1, idx, (top > 0).to(P.dtype) / nt)
     return out[0] if unbatched else out
 
 
-def average_plans(plans: Union[Tensor, list[Tensor]]) -> Tensor:
-    """Seed 001 eq. 4: the mean of per-layer plans, ``(L, B, n, m)`` or a list of ``(B, n, m)``."""
-    P = torch.stack(list(plans)) if isinstance(plans, (list, tuple)) else plans
-    if not isinstance(P, Tensor) or P.dim() < 3:
-        raise ValueError("average_plans: plans must be a (L, ..., n, m) tensor or a non-empty list of plans")
-    return P.mean(0)
+def average_plans(plans: Union[Tensor, list[Tensor]], *, check_finite: bool = True) -> Tensor:
+    """Seed 001 eq. 4: the mean of per-layer plans, an ``(L, ..., n, m)`` tensor (L >= 1) or a
+    non-empty list of plans of one shape, dtype and device (``TypeError`` / ``ValueError`` naming the
+    plan that differs). NaN / inf in a plan is a ``ValueError`` naming it (``check_finite=False``
+    skips the check, one host read-back)."""
+    op = "average_plans"
+    if isinstance(plans, Tensor):
+        V.floating(plans, "plans", op)
+        if plans.dim() < 3 or plans.shape[0] == 0:
+            raise ValueError(f"{op}: a plans tensor must have shape (L, ..., n, m) with L >= 1, got "
+                             f"{tuple(plans.shape)}")
+        named = {"plans": plans}
+    elif isinstance(plans, (list, tuple)):
+        if not plans:
+            raise ValueError(f"{op}: plans is an empty list; give at least one plan")
+        named = {f"plans[{k}]": p for k, p in enumerate(plans)}
+        for name, p in named.items():
+            V.floating(p, name, op)
+            if p.dim() < 2:
+                raise ValueError(f"{op}: {name} must have shape (..., n, m), got {tuple(p.shape)}")
+            if p.shape != plans[0].shape:
+                raise ValueError(f"{op}: {name} has shape {tuple(p.shape)} but plans[0] has "
+                                 f"{tuple(plans[0].shape)}; they must match")
+        V.same_dtype_device(op, **named)
+    else:
+        raise TypeError(f"{op}: plans must be a tensor (L, ..., n, m) or a list of plans, got "
+                        f"{type(plans).__name__}")
+    checks = V.Checks(op, check_finite)
+    for name, p in named.items():
+        checks.finite(name, p)
+    checks.run()
+    return (plans if isinstance(plans, Tensor) else torch.stack(list(plans))).mean(0)
