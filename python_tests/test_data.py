@@ -144,6 +144,9 @@ def test_subsample_with_priors():
         bible.subsample_with_priors(data, np.eye(8)[7], 100, seed=0)
     with pytest.raises(ValueError, match="summing to 1"):
         bible.subsample_with_priors(data, [0.5] * 8, 10)
+    for n in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="n must be a positive integer"):
+            bible.subsample_with_priors(data, data.priors(), n)
 
 
 # --- FreeDict lexicons --------------------------------------------------------------------------
