@@ -4,8 +4,8 @@ from xlt_fast.data.bible import (GENRES, HALVES, SPLITS, get_translation, langua
                                  load_parallel, load_verses, subsample_with_priors, translations)
 from xlt_fast.data.core import ClassificationDataset, PairDataset, TokenDataset
 from xlt_fast.data.formats import (convert_tags, load_classification_file, load_conll_ner,
-                                   load_marc, load_pair_file, load_wikiann, load_xnli, read_conll,
-                                   write_conll)
+                                   load_marc, load_pair_file, load_wikiann, load_xnli, read_bitext,
+                                   read_conll, write_conll)
 from xlt_fast.data.lexicons import load_lexicon
 from xlt_fast.data.priors import peaked_prior, prior_name, resolve_priors
 from xlt_fast.data.tokenization import (IGNORE_INDEX, pool_subwords, tokenize_and_align_labels,
@@ -15,5 +15,5 @@ __all__ = ["ClassificationDataset", "GENRES", "HALVES", "IGNORE_INDEX", "PairDat
            "TokenDataset", "convert_tags", "get_translation", "languages",
            "load_classification_file", "load_conll_ner", "load_genre_task", "load_lexicon",
            "load_marc", "load_pair_file", "load_parallel", "load_verses", "load_wikiann",
-           "load_xnli", "peaked_prior", "pool_subwords", "prior_name", "read_conll", "resolve_priors", "subsample_with_priors",
+           "load_xnli", "peaked_prior", "pool_subwords", "prior_name", "read_bitext", "read_conll", "resolve_priors", "subsample_with_priors",
            "tokenize_and_align_labels", "tokenize_words", "translations", "write_conll"]

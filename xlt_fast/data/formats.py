@@ -302,6 +302,27 @@ def load_pair_file(path: str | os.PathLike, first_field: str = "premise",
     return PairDataset(first, second, labels, names)
 
 
+def read_bitext(path: str | os.PathLike, *, encoding: str = "utf-8") -> PairDataset:
+    """A parallel corpus in the Europarl/OPUS style: one sentence pair per line, two tab-separated
+    sentences (``first``, ``second``), no header; blank lines are skipped. A line without exactly
+    one tab, or with an empty side, is an error naming the file, line and column."""
+    first, second = [], []
+    for lineno, line in enumerate(read_lines(path, encoding), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise file_error(f"expected 'sentence<TAB>sentence', got {len(fields)} tab-separated fields", path, lineno)
+        for column, text in enumerate(fields, 1):
+            if not text.strip():
+                raise file_error("empty sentence", path, lineno, column)
+        first.append(fields[0].strip())
+        second.append(fields[1].strip())
+    if not first:
+        raise file_error("no sentence pairs", path)
+    return PairDataset(first, second)
+
+
 # --- Hugging Face datasets (online, or local copies through data_files) ------------------------
 
 def _load_dataset(*args: Any, **kwargs: Any):

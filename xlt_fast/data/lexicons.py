@@ -72,6 +72,24 @@ def _number(field: str, index: Path, lineno: int, column: int) -> int:
 
 @lru_cache(maxsize=8)
 def _all_pairs(index: Path, data: Path, encoding: str = "utf-8") -> tuple[tuple[str, str], ...]:
+    """Every pair of the dictionary; parsed once per version of its files (a JSON copy under
+    ``$XLT_FAST_CACHE/lexicons``, keyed by their paths, sizes and modification times)."""
+    import json
+
+    from xlt_fast.models.e5_offline import cache_root
+    from xlt_fast.training import atomic
+
+    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in (index, data)] + [encoding]
+    cached = cache_root() / "lexicons" / f"{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:24]}.json"
+    try:
+        return tuple(tuple(p) for p in json.loads(cached.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pairs = _parse(index, data, encoding)
+        atomic.write_json(cached, pairs)
+        return pairs
+
+
+def _parse(index: Path, data: Path, encoding: str) -> tuple[tuple[str, str], ...]:
     compressed = data.read_bytes()
     try:
         text = gzip.decompress(compressed)

@@ -62,26 +62,27 @@ def pool_subwords(hidden: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]
                   mode: str = "first") -> tuple[torch.Tensor, torch.Tensor]:
     """Word vectors from subword states ``[B, T, H]``: the ``first``, ``last`` or ``mean``
     subword of each span. Returns ``[B, W, H]`` (zero-padded to the longest sentence) and a
-    boolean word mask ``[B, W]``. Differentiable."""
+    boolean word mask ``[B, W]``. Differentiable; one gather (and for ``mean`` one scatter-add)
+    for the whole batch, so the backward is one scatter rather than one copy per sentence."""
     if mode not in ("first", "last", "mean"):
         raise ValueError(f"unknown mode {mode!r}; expected 'first', 'last' or 'mean'")
-    batch, _, size = hidden.shape
+    batch, length, size = hidden.shape
     width = max((len(s) for s in spans), default=0)
-    out = hidden.new_zeros(batch, width, size)
-    mask = torch.zeros(batch, width, dtype=torch.bool, device=hidden.device)
-    for b, sent in enumerate(spans):
-        if not sent:
-            continue
-        starts = torch.tensor([s for s, _ in sent], device=hidden.device)
-        ends = torch.tensor([e for _, e in sent], device=hidden.device)
-        if mode == "first":
-            vecs = hidden[b, starts]
-        elif mode == "last":
-            vecs = hidden[b, ends - 1]
-        else:  # mean over each span through a [W, T] averaging matrix
-            pos = torch.arange(hidden.shape[1], device=hidden.device)
-            member = ((pos >= starts[:, None]) & (pos < ends[:, None])).to(hidden.dtype)
-            vecs = (member / member.sum(1, keepdim=True)) @ hidden[b]
-        out[b, :len(sent)] = vecs
-        mask[b, :len(sent)] = True
-    return out, mask
+    slots = [b * width + w for b, sent in enumerate(spans) for w in range(len(sent))]
+    flat = hidden.reshape(batch * length, size)
+    device = hidden.device
+    if mode == "mean":
+        tokens = [b * length + t for b, sent in enumerate(spans) for s, e in sent for t in range(s, e)]
+        owner = [k for k, (s, e) in enumerate(se for sent in spans for se in sent) for _ in range(s, e)]
+        counts = torch.tensor([e - s for sent in spans for s, e in sent], device=device, dtype=hidden.dtype)
+        sums = hidden.new_zeros(len(slots), size).index_add(
+            0, torch.tensor(owner, device=device, dtype=torch.long),
+            flat.index_select(0, torch.tensor(tokens, device=device, dtype=torch.long)))
+        vecs = sums / counts.unsqueeze(1)
+    else:
+        pick = [b * length + (s if mode == "first" else e - 1) for b, sent in enumerate(spans) for s, e in sent]
+        vecs = flat.index_select(0, torch.tensor(pick, device=device, dtype=torch.long))
+    where = torch.tensor(slots, device=device, dtype=torch.long)
+    out = hidden.new_zeros(batch * width, size).index_copy(0, where, vecs).view(batch, width, size)
+    mask = torch.zeros(batch * width, dtype=torch.bool, device=device).index_fill_(0, where, True)
+    return out, mask.view(batch, width)
