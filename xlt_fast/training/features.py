@@ -105,7 +105,7 @@ class FeatureCache:
                 if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
                     raise ValueError("checksum mismatch")
                 data = torch.load(part, weights_only=True)
-                if len(data["keys"]) != meta["rows"] or data["features"].shape[0] != meta["rows"]:
+                if len(data["keys"]) != meta["rows"] or len(data["features"]) != meta["rows"]:
                     raise ValueError("row count mismatch")
             except (OSError, ValueError, KeyError, RuntimeError):
                 part.unlink(missing_ok=True)  # partial or corrupt: its rows are encoded again
@@ -115,10 +115,11 @@ class FeatureCache:
             seen.add(part.name)
         return rows
 
-    def _write(self, key_dir: Path, keys: list[str], features: torch.Tensor) -> None:
+    def _write(self, key_dir: Path, keys: list[str], features: torch.Tensor | list[torch.Tensor]) -> None:
         digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
         part = key_dir / f"part-{digest}.pt"
-        atomic.torch_save(part, {"keys": keys, "features": features.contiguous()})
+        rows = features.contiguous() if isinstance(features, torch.Tensor) else [f.contiguous() for f in features]
+        atomic.torch_save(part, {"keys": keys, "features": rows})
         atomic.write_json(part.with_suffix(".json"), {"rows": len(keys),
                                                       "sha256": hashlib.sha256(part.read_bytes()).hexdigest()})
         self._parts.setdefault(key_dir, set()).add(part.name)
@@ -145,6 +146,53 @@ class FeatureCache:
         self.loaded += len(set(keys) - set(missing_keys))
         return {layer: torch.stack([cached[layer][k] for k in keys]) if keys else torch.empty(0)
                 for layer in layers}
+
+    def tokens(self, sentences: Sequence[Sequence[str]], *, encoder: str = E5_NAME, layers: Sequence[int] = (11,),
+               max_length: int = 128, batch_size: int = 64, device: str | torch.device = "cpu",
+               progress: bool = True) -> dict[int, list[torch.Tensor]]:
+        """``{layer: [states (T_i, H) of sentence i]}``: every token's state at each layer (the special
+        tokens included, truncated to ``max_length``) of pre-split sentences, tokenized with
+        ``is_split_into_words=True``; cached and encoded like :meth:`get`."""
+        layers = list(dict.fromkeys(layers))
+        keys = [_text_key("words\x1f" + "\x1f".join(words)) for words in sentences]
+        dirs = {layer: self._key_dir(encoder, layer, "tokens", "", max_length) for layer in layers}
+        cached = {layer: self._read(d) for layer, d in dirs.items()}
+        missing = list(dict.fromkeys(k for k in keys if any(k not in cached[l] for l in layers)))
+        if missing:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            todo = [list(sentences[first[k]]) for k in missing]
+            fresh = self._encode_tokens(todo, encoder, layers, max_length, batch_size, device, progress)
+            for layer in layers:
+                self._write(dirs[layer], missing, fresh[layer])
+                cached[layer].update(zip(missing, fresh[layer]))
+            self.encoded += len(missing)
+        self.loaded += len(set(keys) - set(missing))
+        return {layer: [cached[layer][k] for k in keys] for layer in layers}
+
+    @torch.inference_mode()
+    def _encode_tokens(self, sentences: list[list[str]], encoder: str, layers: list[int], max_length: int,
+                       batch_size: int, device, progress: bool) -> dict[int, list[torch.Tensor]]:
+        enc = self.encoder(encoder, device)
+        bad = [layer for layer in layers if not 0 <= layer <= enc.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} outside 0..{enc.num_layers} (0 = embeddings) of encoder {encoder!r}")
+        enc.model.eval()
+        order = sorted(range(len(sentences)), key=lambda i: sum(len(w) for w in sentences[i]))
+        out: dict[int, list] = {layer: [None] * len(sentences) for layer in layers}
+        bar = _bar(len(sentences), f"encoding {len(sentences)} sentences to token states ({encoder})", progress)
+        for start in range(0, len(sentences), batch_size):
+            idx = order[start:start + batch_size]
+            batch = enc.tokenizer([sentences[i] for i in idx], is_split_into_words=True, padding=True,
+                                  truncation=True, max_length=max_length, return_tensors="pt")
+            batch = {k: batch[k].to(enc.device) for k in ("input_ids", "attention_mask")}
+            states = enc.model(**batch, output_hidden_states=True).hidden_states
+            lengths = batch["attention_mask"].sum(1).tolist()
+            for layer in layers:
+                for b, i in enumerate(idx):  # a copy: a view would keep (and save) the whole batch
+                    out[layer][i] = states[layer][b, :lengths[b]].float().cpu().clone()
+            bar(len(idx))
+        bar(0, close=True)
+        return out
 
     def encoder(self, name: str, device: str | torch.device) -> Encoder:
         key = (name, str(device))
