@@ -90,7 +90,7 @@ def evaluate(state: State, ctx: Context) -> dict[str, dict[str, float]]:
                      "accuracy": (logits.argmax(1) == state.data["y_eval"]).float().mean().item()}}
 
 
-def summary(state: State) -> dict:
+def summary(state: State, ctx: Context) -> dict:
     return {"steps": state.step}
 
 

@@ -575,7 +575,7 @@ def evaluate(state: State, ctx: Context) -> dict[str, dict[str, Any]]:
     return out
 
 
-def summary(state: State) -> dict[str, Any]:
+def summary(state: State, ctx: Context) -> dict[str, Any]:
     return {"source_prior": state.data.source_prior.tolist(), "target_prior": state.data.target_prior.tolist(),
             "pool_prior": state.data.target.dataset.priors().tolist(), **_iw_quality(state)}
 

@@ -195,14 +195,26 @@ class Context:
     def update(self, loss: torch.Tensor, optimizers: Sequence[str], parts: dict[str, float] | None = None) -> None:
         """One optimisation step: backward of ``loss``, then step the named optimizers and their
         schedulers. A non-finite loss stops the run with an error (the last checkpoint stays intact)."""
+        self.zero_grad(optimizers)
+        self.backward(loss, parts)
+        self.step(optimizers)
+
+    def zero_grad(self, optimizers: Sequence[str]) -> None:
+        for name in optimizers:
+            self.state.optimizers[name].zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, parts: dict[str, float] | None = None) -> None:
+        """Accumulate the gradients of ``loss`` (gradient accumulation: :meth:`zero_grad`, several
+        ``backward`` calls, one :meth:`step`). A non-finite loss stops the run before any update."""
         if self.dist.any(not bool(torch.isfinite(loss.detach()))):
             detail = ", ".join(f"{k}={v:.4g}" for k, v in (parts or {}).items())
             raise FloatingPointError(f"{self.state.phase} step {self.state.phase_step + 1}: the loss is not finite "
                                      f"({float(loss.detach()):.4g}{'; ' + detail if detail else ''}); stopping before the "
                                      f"model is updated. Lower the learning rates or check the inputs.")
-        for name in optimizers:
-            self.state.optimizers[name].zero_grad(set_to_none=True)
         loss.backward()
+
+    def step(self, optimizers: Sequence[str]) -> None:
+        """Step the named optimizers on the accumulated gradients, then their schedulers."""
         for name in optimizers:
             self.state.optimizers[name].step()
             if name in self.state.schedulers:
@@ -230,7 +242,7 @@ class Trainer(Protocol):
 
     def evaluate(self, state: State, ctx: Context) -> Metrics: ...
 
-    def summary(self, state: State) -> dict[str, Any]:
+    def summary(self, state: State, ctx: Context) -> dict[str, Any]:
         """What ``results.json`` keeps besides the final metrics (e.g. learned weights)."""
 
 
@@ -367,7 +379,7 @@ def _train(trainer: Trainer, cfg: TrainerConfig, dist: Dist, run_dir: Path, resu
     if not phases:  # nothing to train (e.g. a model loaded with init_from): evaluate it
         for split, values in trainer.evaluate(state, ctx).items():
             log.add(state, split, values)
-    result = Result(str(run_dir), config_hash(cfg), state.step, _last_eval(log), trainer.summary(state),
+    result = Result(str(run_dir), config_hash(cfg), state.step, _last_eval(log), trainer.summary(state, ctx),
                     round(time.perf_counter() - t0, 3))
     if dist.is_main and cfg.plots:
         plots.plot_run(log.rows, run_dir / "plots", title=f"{type(cfg).__name__} {cfg.variant} seed {cfg.seed}")
