@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TRAINERS = ("iwda",)
+TRAINERS = ("iwda", "wordot")
 
 
 def get(name: str) -> ModuleType:
