@@ -104,7 +104,8 @@ def run_cells(trainer, cells: Sequence[Cell], root: Path, progress: bool, desc: 
     """Train every cell (skipping complete ones, resuming interrupted ones) and return the results.
 
     ``workers > 1`` trains cells in that many processes (one thread each; spawned, so each has its
-    own torch), which uses two cores better than one process with two threads for small models.
+    own torch), which uses two cores better than one process with two threads for small models;
+    the processes stay up for the next call (:func:`_pool`).
     """
     jobs = []
     for cell in cells:
@@ -126,15 +127,32 @@ def run_cells(trainer, cells: Sequence[Cell], root: Path, progress: bool, desc: 
             bar()
     else:
         import concurrent.futures as cf
-        import multiprocessing as mp
 
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
-            futures = {pool.submit(_train_cell, trainer.__name__, cfg): name for name, cfg in todo}
-            for fut in cf.as_completed(futures):
-                results[futures[fut]] = fut.result()
-                bar()
+        pool = _pool(workers)
+        futures = {pool.submit(_train_cell, trainer.__name__, cfg): name for name, cfg in todo}
+        for fut in cf.as_completed(futures):
+            results[futures[fut]] = fut.result()
+            bar()
     bar(close=True)
     return results
+
+
+_POOLS: dict[int, Any] = {}
+
+
+def _pool(workers: int):
+    """A process pool of ``workers`` (one thread each; spawned, so each has its own torch), kept
+    for the next grid: its processes keep their imports, models and caches warm."""
+    import atexit
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    pool = _POOLS.get(workers)
+    if pool is None or getattr(pool, "_broken", False):
+        pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
+        _POOLS[workers] = pool
+        atexit.register(pool.shutdown)
+    return pool
 
 
 def _one_thread() -> None:
