@@ -10,9 +10,28 @@ authors' code does. Rows: the quick experiment's critic width (384) and the pape
 implementation starts from the same state (each its own copy; the timed repeats keep training it);
 the max error is that of the first step's losses and gradients (of g, h and the critic) against
 the same step in float64 (reference backend).
+
+WordOT: one stage-1 step of ``xlt_fast.trainers.wordot`` (``_align_step``: for each of K = 3
+language pairs, the trainable top layer run on a batch of 24 target and 24 source sentences, the
+initial model's states of the source ones (computed once before, as the trainer does), last-subword
+word vectors, the debiased Sinkhorn divergence
+of the pooled word clouds (``scope="batch"``, the paper's) plus the English regulariser, one
+backward, one Adam step), grad_accum 1. Synthetic and self-contained (no e5 weights, no corpus):
+an e5-small-shaped BERT layer (hidden 384, 12 heads, intermediate 1536; random init, seed 0; its
+output LayerNorm scaled by 0.36 so word vectors have e5-small's last-layer norms, ~7) over random
+cached states of 72 sentences per language, T ~ U[20, 50] tokens, words of 1..3 subwords covering
+every token but the first and last (specials); the states share a direction, a component per verse
+(shared by its translations) and target tokens lie near a source token of their verse. The usual
+way is the same step with ``ot_backend="geomloss"`` (GeomLoss ``SamplesLoss`` tensorized, the
+baseline); ours ``ot_backend="cpu"``; the truth ``ot_backend="cpu"`` in float64 (the pure-PyTorch
+reference materialises (N, M, d) differences: ~1 GB per pooled problem). Every call is the same
+first step: parameters, Adam state and stream positions are restored (a few ms) and dropout seeded
+before it. The max error is that of the step's loss, divergence and regulariser and of the top
+layer's gradients. The full grid adds ``scope="pair"`` (one divergence per sentence pair).
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -21,8 +40,9 @@ import torch
 from xlt_fast.benchmarks.common import kernel_backends
 from xlt_fast.benchmarks.harness import Case
 from xlt_fast.data.core import ClassificationDataset
-from xlt_fast.trainers import iwda
-from xlt_fast.training import Context, Dist, replace
+from xlt_fast.models.tokens import EncoderTop, TokenSentences, frozen_copy
+from xlt_fast.trainers import iwda, wordot
+from xlt_fast.training import Context, Dist, State, replace
 
 N_SOURCE, N_TARGET, D, K, BATCH = 2400, 1000, 384, 8, 32
 
@@ -66,6 +86,98 @@ def iwda_step(critic_hidden: int, backend: str, dtype: torch.dtype = torch.float
     return run
 
 
+WO_LANGS, WO_BATCH, WO_D = ("de", "fr", "es"), 24, 384
+WO_SENTENCES = 3 * WO_BATCH  # per language: three batches per epoch of the stream
+
+
+def _wordot_sentences(g: torch.Generator) -> tuple[dict[str, TokenSentences], TokenSentences]:
+    """Random cached token states (layer L - 1 outputs: LayerNorm-scaled, norm ~sqrt(d)) of the target
+    sentences of every language and of the shared source sentences, verse i parallel in all of them."""
+    def unit(*shape):  # random directions of norm ~1
+        return torch.randn(*shape, WO_D, generator=g, dtype=torch.float64) / WO_D ** 0.5
+
+    def sentence(common, verse, tokens):
+        T = int(torch.randint(20, 51, (1,), generator=g))
+        spans, pos = [], 1
+        while pos < T - 1:  # words of 1..3 subwords over every token but the specials
+            n = 1 + int(torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), 1, generator=g))
+            spans.append((pos, min(pos + n, T - 1)))
+            pos = spans[-1][1]
+        own = unit(T)
+        tok = own if tokens is None else 0.8 * tokens[torch.randint(0, tokens.shape[0], (T,), generator=g)] + 0.6 * own
+        states = WO_D ** 0.5 * (0.8 * common + 0.3 * verse + 0.5 * tok)
+        return [f"w{j}" for j in range(len(spans))], states.float(), spans, tok
+
+    common, verses = unit(), unit(WO_SENTENCES)
+    src_rows = [sentence(common, verses[i], None) for i in range(WO_SENTENCES)]
+    src = TokenSentences([r[0] for r in src_rows], [r[1] for r in src_rows], [r[2] for r in src_rows])
+    tgt = {}
+    for lang in WO_LANGS:
+        shifted = common + 0.15 * unit()  # the language's own offset
+        rows = [sentence(shifted, verses[i], src_rows[i][3]) for i in range(WO_SENTENCES)]
+        tgt[lang] = TokenSentences([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    return tgt, src
+
+
+def _e5_layer() -> torch.nn.Module:
+    """A one-layer BERT of e5-small's width (random init, seed 0); only its layer is used."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=WO_D, num_attention_heads=12, intermediate_size=1536,
+                                 num_hidden_layers=1, vocab_size=8, max_position_embeddings=64))
+    with torch.no_grad():
+        model.encoder.layer[-1].output.LayerNorm.weight.mul_(0.36)  # e5-small's last-layer norms (~7)
+    return model
+
+
+def wordot_step(backend: str, dtype: torch.dtype = torch.float32, scope: str = "batch"):
+    """A zero-argument WordOT stage-1 step from one fixed initial state (restored at every call);
+    returns the step's loss, divergence and regulariser and the top layer's gradients."""
+    cfg = dataclasses.replace(  # no validate(): its check() looks for the Bible corpus, unused here
+        wordot.WordOTConfig(), target_lang=list(WO_LANGS), batch_size=WO_BATCH, grad_accum=1, scope=scope,
+        ot_backend=backend, trainable_layers=1, output_dir=tempfile.mkdtemp(), progress=False)
+    ctx = Context(cfg, Dist("cpu"), Path(cfg.output_dir))
+    tgt, src = _wordot_sentences(torch.Generator().manual_seed(3))
+    top = EncoderTop(_e5_layer(), cfg.trainable_layers).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # TokenSentences.batch pads into the default dtype
+    try:  # c_0 of Eq. 2, once per source sentence (as the trainer's build does)
+        initial = wordot.initial_states(frozen_copy(top), src, "cpu")
+    finally:
+        torch.set_default_dtype(default)
+    optimizer = torch.optim.Adam(top.parameters(), lr=cfg.lr)
+    for lang in WO_LANGS:
+        ctx.stream(f"align/{lang}", WO_SENTENCES, cfg.batch_size)
+    data = wordot.Data(align={lang: wordot.PairSet(lang, tgt[lang], src, src_initial=initial) for lang in WO_LANGS}, evals={},
+                       eval_labels=torch.zeros(0, dtype=torch.long), task=src,
+                       task_labels=torch.zeros(WO_SENTENCES, dtype=torch.long), lexicons={})
+    state = State(modules={"top": top}, optimizers={"align": optimizer}, data=data,
+                  parallel={"top": ctx.wrap(top)}, phase="align")
+    state.streams.update(ctx.streams)
+    ctx.state = state
+    params = list(top.parameters())
+    initial = [p.detach().clone() for p in params]
+
+    def run():
+        with torch.no_grad():
+            for p, p0 in zip(params, initial):
+                p.copy_(p0)
+        optimizer.state.clear()
+        for stream in state.streams.values():
+            stream.position = 0
+        torch.manual_seed(1)  # the same dropout masks in every implementation's step
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # TokenSentences.batch pads into the default dtype
+        try:
+            values = wordot._align_step(cfg, state, ctx)
+        finally:
+            torch.set_default_dtype(default)
+        return (*(torch.tensor(values[k], dtype=torch.float64) for k in ("loss", "divergence", "reg")),
+                *(p.grad.clone() for p in params))
+    return run
+
+
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type != "cpu":
         return []  # the trainers' experiments run their frozen-feature grids on the CPU
@@ -77,4 +189,16 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             impls[f"xlt_fast {name}"] = iwda_step(hidden, name)
         out.append(Case("iwda step", f"B=32+32,d=384x{K},H={hidden}", "step", impls,
                         baseline="eager double backward"))
+    try:
+        import geomloss  # noqa: F401
+    except ImportError:  # pragma: no cover - optional peer
+        geomloss = None
+    for scope in ("batch",) if quick else ("batch", "pair"):
+        impls = {"reference": wordot_step("cpu", torch.float64, scope)}
+        if geomloss is not None:
+            impls["geomloss tensorized"] = wordot_step("geomloss", scope=scope)
+        for name in kernel_backends(device, "cpu"):
+            impls[f"xlt_fast {name}"] = wordot_step(name, scope=scope)
+        out.append(Case("wordot step", f"{scope} B={WO_BATCH}x{len(WO_LANGS)},T<=50,d={WO_D}", "step", impls,
+                        baseline="geomloss tensorized" if geomloss is not None else "reference"))
     return out

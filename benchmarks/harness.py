@@ -30,6 +30,7 @@ class Case:
     baseline: str                             # peer the ratios divide by
     reference: Optional[str] = "reference"    # impl whose output is the truth (None: no check)
     setup: Optional[Callable[[], None]] = None
+    tolerance: float = 1e-4                   # max error (of the output's scale) an xlt_fast impl may have
 
 
 @dataclasses.dataclass

@@ -1,8 +1,10 @@
 """The benchmark cases under pytest-benchmark: ``pytest benchmarks [--benchmark-only]``.
 
 One test per (case, implementation) of the quick grid on this machine's device; pytest-benchmark
-does the timing and statistics, and each test checks the implementation against the case's
-reference first (1e-4 of the output's scale), so a fast wrong kernel fails here.
+does the timing and statistics, and each test of an xlt_fast implementation checks it against the
+case's reference first (``case.tolerance`` of the output's scale, 1e-4 unless the case says why
+not), so a fast wrong kernel fails here. Peers are timed, not judged: their errors are printed by
+``xlt-fast bench`` (GeomLoss tensorized shares one diameter over a padded batch, for example).
 """
 import pytest
 import torch
@@ -18,6 +20,6 @@ PARAMS = [pytest.param(case, name, id=f"{case.op}-{case.shape}-{case.mode}-{name
 @pytest.mark.parametrize("case,name", PARAMS)
 def test_case(benchmark, case, name):
     fn = case.impls[name]
-    if case.reference and name != case.reference:
-        assert harness.max_error(fn(), case.impls[case.reference]()) < 1e-4
+    if case.reference and name != case.reference and name.startswith("xlt_fast"):
+        assert harness.max_error(fn(), case.impls[case.reference]()) < case.tolerance
     benchmark(fn)
