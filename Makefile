@@ -29,7 +29,7 @@ setup: $(VENV)/.deps $(VENV)/.assets
 install: setup
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
-# The main job: the papers' key claims, quick mode (IWDA: about 5 minutes on 2 cores, fresh cache).
+# The main job: the papers' key claims, quick mode (IWDA and WordOT: about 5 minutes each on 2 cores).
 reproduce: install
 	$(VENV)/bin/xlt-fast reproduce --quick --output_dir reproduce
 

@@ -229,3 +229,23 @@ def test_bitext_errors_name_the_file_and_line(tmp_path):
 def test_bad_configs_fail_before_work(args, message):
     with pytest.raises(ConfigError, match=message):
         load_config(wordot.WordOTConfig, None, args)
+
+
+def test_xnli_stage2_from_local_files(tmp_path, tiny):
+    """The online path's stage 2 (XNLI through `datasets`), on small local files in XNLI's layout."""
+    rng = np.random.default_rng(0)
+    for lang, split, n in (("en", "train", 48), ("en", "test", 12), ("de", "test", 12), ("fr", "test", 12)):
+        pairs = load_parallel(lang if lang != "en" else "de", "en", "test")
+        side = pairs.second if lang == "en" else pairs.first
+        rows = [{"premise": side[i], "hypothesis": side[i + 1], "label": int(rng.integers(3))} for i in range(n)]
+        (tmp_path / f"xnli.{lang}.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tmp_path, tiny, "xnli", task="xnli", xnli_files=str(tmp_path / "xnli.{lang}.{split}.jsonl"),
+               n_task=48, n_eval=12, eval_langs=[])
+    result = wordot.train(cfg)
+    assert result.steps == 64 // 16 + 6
+    for lang in ("en", "de", "fr"):
+        m = result.metrics[lang]
+        assert 0 <= m["xnli_accuracy"] <= 1 and "genre_macro_f1" not in m
+    assert "word_p1_cosine" in result.metrics["de"]  # the Bible word-level evaluation still runs
+    with pytest.raises(ConfigError, match="xnli_files: .* needs both"):
+        load_config(wordot.WordOTConfig, None, ["--task", "xnli", "--xnli_files", "x.jsonl"])

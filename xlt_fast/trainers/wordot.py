@@ -32,6 +32,7 @@ linked words, OT-coupling link P@1 inside verse pairs, sentence retrieval P@1, g
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -47,8 +48,9 @@ from torch import nn
 
 import xlt_fast
 from xlt_fast import metrics
-from xlt_fast.data import GENRES, load_genre_task, load_lexicon, read_bitext, subsample_with_priors
+from xlt_fast.data import GENRES, load_genre_task, load_lexicon, load_xnli, read_bitext, subsample_with_priors
 from xlt_fast.data.bible import load_parallel
+from xlt_fast.data.formats import XNLI_LABELS
 from xlt_fast.data.lexicons import dictionary_files
 from xlt_fast.data.words import eflomal_links, lexicon_links, lexicon_set, moses_words, normalise
 from xlt_fast.models.e5_offline import cache_root
@@ -105,6 +107,10 @@ class WordOTConfig(TrainerConfig):
         "auto", "backend of the Sinkhorn ops, or geomloss: the same divergence by GeomLoss's SamplesLoss "
         "(a cross-check, and the speed baseline)")
     # stage 2 (B5 iv)
+    task: Literal["genre", "xnli"] = arg("genre", "stage-2 task: the Bible genre task (offline) or XNLI through "
+                                         "`datasets` (the paper's; the hub, or local files: xnli_files)")
+    xnli_files: str = arg("", "local XNLI files instead of the hub: a path with {lang} and {split}, e.g. "
+                          "xnli/{lang}.{split}.jsonl (premise, hypothesis, label)")
     task_steps: int = arg(1000, "English genre fine-tuning steps (0: no stage 2)", ge=0)
     task_batch_size: int = arg(16, "stage-2 batch (B5: 16)", ge=1)
     task_lr: float = arg(5e-5, "stage-2 lr of the encoder layers (B5: 5e-5)", gt=0)
@@ -149,6 +155,12 @@ class WordOTConfig(TrainerConfig):
             outside = [lang for lang in self.word_langs if lang not in eval_languages(self)]
             if outside:
                 problems.append(f"word_langs: {outside} are not evaluated; add them to eval_langs")
+        if self.xnli_files and not ("{lang}" in self.xnli_files and "{split}" in self.xnli_files):
+            problems.append(f"xnli_files: {self.xnli_files!r} needs both {{lang}} and {{split}}")
+        if self.xnli_files and self.task != "xnli":
+            problems.append("xnli_files: given, but task is not xnli")
+        if self.task == "xnli" and not self.task_steps:
+            problems.append("task: xnli is a stage-2 task; set task_steps > 0")
         if self.init_from and self.variant == "base":
             problems.append("init_from: base has no stage 1 to start from")
         return problems
@@ -175,9 +187,11 @@ class Data:
     task: TokenSentences                 # English genre training sentences
     task_labels: torch.Tensor
     lexicons: dict[str, set]             # normalised (target word, source word) pairs
+    xnli: dict[str, tuple[TokenSentences, torch.Tensor]] = dataclasses.field(default_factory=dict)  # test sets
     hits: tuple[int, dict] | None = None  # (step, per-word hits) of the last evaluation
 
 
+@lru_cache(maxsize=8)
 def _num_layers(name: str) -> int:
     from transformers import AutoConfig
 
@@ -185,14 +199,38 @@ def _num_layers(name: str) -> int:
     return int(AutoConfig.from_pretrained(path).num_hidden_layers)
 
 
-def _sentences(cfg: WordOTConfig, ctx: Context, words: list[list[str]]) -> TokenSentences:
-    """Token states of the frozen layers below the trainable ones (cached), and word spans."""
+def _sentences(cfg: WordOTConfig, ctx: Context, words: list[list[str]],
+               second: list[list[str]] | None = None) -> TokenSentences:
+    """Token states of the frozen layers below the trainable ones (cached), and word spans (none
+    for sentence pairs, which stage 2 mean-pools)."""
     cache = default_cache()
     layer = _num_layers(cfg.encoder) - cfg.trainable_layers
-    states = cache.tokens(words, encoder=cfg.encoder, layers=(layer,), max_length=cfg.max_length, device=ctx.device,
-                          progress=cfg.progress and ctx.dist.is_main)[layer]
+    states = cache.tokens(words, second=second, encoder=cfg.encoder, layers=(layer,), max_length=cfg.max_length,
+                          device=ctx.device, progress=cfg.progress and ctx.dist.is_main)[layer]
+    if second is not None:
+        return TokenSentences(words, states, [[] for _ in words])
     tokenizer = cache.encoder(cfg.encoder, ctx.device).tokenizer
     return TokenSentences(words, states, word_spans(tokenizer, words, cfg.max_length))
+
+
+XNLI_LANGS = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh")
+
+
+def xnli_languages(cfg: WordOTConfig) -> list[str]:
+    """The languages of source_lang, target_lang and eval_langs that XNLI has."""
+    return [lang for lang in dict.fromkeys([cfg.source_lang, *cfg.target_lang, *cfg.eval_langs]) if lang in XNLI_LANGS]
+
+
+def _xnli(cfg: WordOTConfig, ctx: Context, lang: str, split: str, n: int) -> tuple[TokenSentences, torch.Tensor]:
+    """``n`` XNLI examples of ``lang`` (drawn with data_seed; all if fewer) as premise-hypothesis pairs."""
+    kwargs = ({"path": "json", "data_files": {split: cfg.xnli_files.format(lang=lang, split=split)}}
+              if cfg.xnli_files else {})
+    ds = load_xnli(lang, split, **kwargs)
+    pick = sorted(np.random.default_rng([cfg.data_seed, len(ds.first)]).permutation(len(ds.first))[:n].tolist())
+    premise = moses_words([ds.first[i] for i in pick], lang)
+    hypothesis = moses_words([ds.second[i] for i in pick], lang)
+    return (_sentences(cfg, ctx, premise, hypothesis),
+            torch.tensor([ds.labels[i] for i in pick], device=ctx.device))
 
 
 def shared_ids(cfg: WordOTConfig, langs: Sequence[str], split: str, n: int, seed: int) -> list[str]:
@@ -257,12 +295,19 @@ def load_data(cfg: WordOTConfig, ctx: Context) -> Data:
             evals[lang] = PairSet(lang, _sentences(cfg, ctx, moses_words(tgt_texts, lang)), src)
         genre = load_genre_task(cfg.source_lang, "test")
         label_of = dict(zip(genre.ids, genre.labels))
-        task_set = load_genre_task(cfg.source_lang, "train_b")
-        task_set = subsample_with_priors(task_set, task_set.priors(), min(cfg.n_task, len(task_set)), cfg.data_seed)[0]
-        task = _sentences(cfg, ctx, moses_words(task_set.texts, cfg.source_lang))
+        xnli = {}
+        if cfg.task == "genre":
+            task_set = load_genre_task(cfg.source_lang, "train_b")
+            task_set = subsample_with_priors(task_set, task_set.priors(), min(cfg.n_task, len(task_set)),
+                                             cfg.data_seed)[0]
+            task = _sentences(cfg, ctx, moses_words(task_set.texts, cfg.source_lang))
+            task_labels = torch.tensor(task_set.labels, device=ctx.device)
+        else:  # XNLI: English train, zero-shot test in every XNLI language of the run
+            task, task_labels = _xnli(cfg, ctx, cfg.source_lang, "train", cfg.n_task)
+            xnli = {lang: _xnli(cfg, ctx, lang, "test", cfg.n_eval) for lang in xnli_languages(cfg)}
     lexicons = {lang: _lexicon(cfg.source_lang, lang, "all") for lang in word_languages(cfg)}
-    return Data(align, evals, torch.tensor([label_of[v] for v in eval_ids], device=ctx.device), task,
-                torch.tensor(task_set.labels, device=ctx.device), lexicons)
+    return Data(align, evals, torch.tensor([label_of[v] for v in eval_ids], device=ctx.device), task, task_labels,
+                lexicons, xnli)
 
 
 @lru_cache(maxsize=16)
@@ -340,7 +385,7 @@ def build(cfg: WordOTConfig, ctx: Context) -> State:
         _init_from(cfg, top)
     # seeded here: loading an encoder may draw random numbers (weights it lacks), the first time only
     torch.manual_seed(derive_seed(cfg.seed, "head"))
-    head = nn.Linear(encoder.hidden_size, len(GENRES)).to(ctx.device)
+    head = nn.Linear(encoder.hidden_size, len(GENRES) if cfg.task == "genre" else len(XNLI_LABELS)).to(ctx.device)
     modules: dict[str, nn.Module] = {"top": top, "head": head}
     optimizers, schedulers = {}, {}
     names = phase_names(cfg)
@@ -358,7 +403,9 @@ def build(cfg: WordOTConfig, ctx: Context) -> State:
     if "align" in names:  # c_0 of Eq. 2 is a constant: computed once per source sentence
         frozen, done = frozen_copy(top), {}
         for ps in data.align.values():
-            ps.src_initial = done.setdefault(id(ps.src), initial_states(frozen, ps.src, ctx.device))
+            if id(ps.src) not in done:
+                done[id(ps.src)] = initial_states(frozen, ps.src, ctx.device)
+            ps.src_initial = done[id(ps.src)]
     return State(modules=modules, optimizers=optimizers, schedulers=schedulers, data=data,
                  parallel={"top": ctx.wrap(top)})
 
@@ -367,11 +414,14 @@ def build(cfg: WordOTConfig, ctx: Context) -> State:
 def initial_states(frozen: nn.Module, sents: TokenSentences, device, batch: int = 64) -> TokenSentences:
     """``sents`` run through the frozen initial top layers (eval mode: no dropout, so each
     sentence's c_0 is one fixed tensor), as :class:`TokenSentences` of last-layer states."""
-    states = []
+    order = sorted(range(len(sents)), key=lambda i: sents.states[i].shape[0])  # batched by length
+    states: list = [None] * len(sents)
     for a in range(0, len(sents), batch):
-        x, mask, _ = sents.batch(range(a, min(a + batch, len(sents))), device)
+        idx = order[a:a + batch]
+        x, mask, _ = sents.batch(idx, device)
         hidden = frozen(x, mask)
-        states += [hidden[b, :n].cpu().clone() for b, n in enumerate(mask.sum(1).tolist())]
+        for b, (i, n) in enumerate(zip(idx, mask.sum(1).tolist())):
+            states[i] = hidden[b, :n].cpu().clone()
     return TokenSentences(sents.words, states, sents.spans)
 
 
@@ -493,28 +543,39 @@ def phases(cfg: WordOTConfig, state: State) -> list[Phase]:
 
 # -------------------------------------------------------------------------------------- evaluate
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """``module`` in eval mode (no dropout) inside the block, its previous mode after."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
 @torch.no_grad()
 def _eval_points(state: State, ctx: Context, sents: TokenSentences, word: str, batch: int = 64):
-    """Word clouds ``(N, n, d)``, masks and sentence vectors ``(N, d)`` of every sentence (eval mode)."""
-    top = state.modules["top"]
-    was = top.training
-    top.eval()
+    """Word clouds ``(N, n, d)``, masks and sentence vectors ``(N, d)`` of every sentence (eval mode;
+    batched by length, so little is padding)."""
+    order = sorted(range(len(sents)), key=lambda i: sents.states[i].shape[0])
     clouds, masks, sentences = [], [], []
-    for a in range(0, len(sents), batch):
-        idx = range(a, min(a + batch, len(sents)))
-        x, mask, spans = sents.batch(idx, ctx.device)
-        hidden = top(x, mask)
-        pts, pm = word_points(hidden, spans, word)
-        clouds.append(pts)
-        masks.append(pm)
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        sentences.append((hidden * m).sum(1) / m.sum(1))
-    top.train(was)
+    with _eval_mode(state.modules["top"]) as top:
+        for a in range(0, len(sents), batch):
+            x, mask, spans = sents.batch(order[a:a + batch], ctx.device)
+            hidden = top(x, mask)
+            pts, pm = word_points(hidden, spans, word)
+            clouds.append(pts)
+            masks.append(pm)
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            sentences.append((hidden * m).sum(1) / m.sum(1))
     width = max(c.shape[1] for c in clouds)
     pad = lambda t, fill: F.pad(t, (0, 0, 0, width - t.shape[1]) if t.dim() == 3 else (0, width - t.shape[1]),  # noqa
                                 value=fill)
-    return (torch.cat([pad(c, 0.0) for c in clouds]), torch.cat([pad(m, False) for m in masks]),
-            torch.cat(sentences))
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))  # sorted position of each sentence
+    return (torch.cat([pad(c, 0.0) for c in clouds])[back], torch.cat([pad(m, False) for m in masks])[back],
+            torch.cat(sentences)[back])
 
 
 def _word_metrics(cfg: WordOTConfig, ps: PairSet, lexicon: set, tgt, tm, src, sm) -> dict[str, Any]:
@@ -561,6 +622,7 @@ def _evaluate(state: State, ctx: Context) -> tuple[dict[str, dict[str, Any]], di
         y = data.eval_labels.cpu()
         return {"genre_macro_f1": metrics.macro_f1(y, pred, labels=np.unique(y.numpy())),
                 "genre_accuracy": metrics.accuracy(y, pred)}
+    genre = genre and cfg.task == "genre"
     if genre:
         out[cfg.source_lang] = genre_metrics(src_sent)
     for lang, ps in data.evals.items():
@@ -573,6 +635,14 @@ def _evaluate(state: State, ctx: Context) -> tuple[dict[str, dict[str, Any]], di
         if genre:
             row.update(genre_metrics(tgt_sent))
         out[lang] = row
+    if state.phase == "task":
+        for lang, (sents, y) in data.xnli.items():
+            with torch.no_grad(), _eval_mode(state.modules["top"]):
+                vectors = torch.cat([_sentence_vectors(state, ctx, sents, range(a, min(a + 64, len(sents))))
+                                     for a in range(0, len(sents), 64)])
+                pred = state.modules["head"](vectors).argmax(1).cpu()
+            out.setdefault(lang, {}).update({"xnli_accuracy": metrics.accuracy(y.cpu(), pred),
+                                             "xnli_macro_f1": metrics.macro_f1(y.cpu(), pred, labels=[0, 1, 2])})
     return out, hits
 
 

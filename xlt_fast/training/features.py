@@ -147,20 +147,25 @@ class FeatureCache:
         return {layer: torch.stack([cached[layer][k] for k in keys]) if keys else torch.empty(0)
                 for layer in layers}
 
-    def tokens(self, sentences: Sequence[Sequence[str]], *, encoder: str = E5_NAME, layers: Sequence[int] = (11,),
-               max_length: int = 128, batch_size: int = 64, device: str | torch.device = "cpu",
-               progress: bool = True) -> dict[int, list[torch.Tensor]]:
+    def tokens(self, sentences: Sequence[Sequence[str]], *, second: Sequence[Sequence[str]] | None = None,
+               encoder: str = E5_NAME, layers: Sequence[int] = (11,), max_length: int = 128, batch_size: int = 64,
+               device: str | torch.device = "cpu", progress: bool = True) -> dict[int, list[torch.Tensor]]:
         """``{layer: [states (T_i, H) of sentence i]}``: every token's state at each layer (the special
         tokens included, truncated to ``max_length``) of pre-split sentences, tokenized with
-        ``is_split_into_words=True``; cached and encoded like :meth:`get`."""
+        ``is_split_into_words=True`` (with ``second``: sentence pairs, e.g. premise and hypothesis);
+        cached and encoded like :meth:`get`."""
         layers = list(dict.fromkeys(layers))
-        keys = [_text_key("words\x1f" + "\x1f".join(words)) for words in sentences]
+        if second is not None and len(second) != len(sentences):
+            raise ValueError(f"second: {len(second)} sentences for {len(sentences)} first sentences")
+        items = [(list(a), None if second is None else list(second[i])) for i, a in enumerate(sentences)]
+        keys = [_text_key("words\x1f" + "\x1f".join(a) + ("" if b is None else "\x1e" + "\x1f".join(b)))
+                for a, b in items]
         dirs = {layer: self._key_dir(encoder, layer, "tokens", "", max_length) for layer in layers}
         cached = {layer: self._read(d) for layer, d in dirs.items()}
         missing = list(dict.fromkeys(k for k in keys if any(k not in cached[l] for l in layers)))
         if missing:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            todo = [list(sentences[first[k]]) for k in missing]
+            todo = [items[first[k]] for k in missing]
             fresh = self._encode_tokens(todo, encoder, layers, max_length, batch_size, device, progress)
             for layer in layers:
                 self._write(dirs[layer], missing, fresh[layer])
@@ -170,20 +175,23 @@ class FeatureCache:
         return {layer: [cached[layer][k] for k in keys] for layer in layers}
 
     @torch.inference_mode()
-    def _encode_tokens(self, sentences: list[list[str]], encoder: str, layers: list[int], max_length: int,
-                       batch_size: int, device, progress: bool) -> dict[int, list[torch.Tensor]]:
+    def _encode_tokens(self, sentences: list[tuple[list[str], list[str] | None]], encoder: str, layers: list[int],
+                       max_length: int, batch_size: int, device, progress: bool) -> dict[int, list[torch.Tensor]]:
         enc = self.encoder(encoder, device)
         bad = [layer for layer in layers if not 0 <= layer <= enc.num_layers]
         if bad:
             raise ValueError(f"layers {bad} outside 0..{enc.num_layers} (0 = embeddings) of encoder {encoder!r}")
         enc.model.eval()
-        order = sorted(range(len(sentences)), key=lambda i: sum(len(w) for w in sentences[i]))
+        order = sorted(range(len(sentences)), key=lambda i: sum(len(w) for part in sentences[i] if part for w in part))
+        pairs = sentences[0][1] is not None
         out: dict[int, list] = {layer: [None] * len(sentences) for layer in layers}
         bar = _bar(len(sentences), f"encoding {len(sentences)} sentences to token states ({encoder})", progress)
         for start in range(0, len(sentences), batch_size):
             idx = order[start:start + batch_size]
-            batch = enc.tokenizer([sentences[i] for i in idx], is_split_into_words=True, padding=True,
-                                  truncation=True, max_length=max_length, return_tensors="pt")
+            firsts = [sentences[i][0] for i in idx]
+            seconds = [sentences[i][1] for i in idx] if pairs else None
+            batch = enc.tokenizer(firsts, seconds, is_split_into_words=True, padding=True, truncation=True,
+                                  max_length=max_length, return_tensors="pt")
             batch = {k: batch[k].to(enc.device) for k in ("input_ids", "attention_mask")}
             states = enc.model(**batch, output_hidden_states=True).hidden_states
             lengths = batch["attention_mask"].sum(1).tolist()
