@@ -192,12 +192,17 @@ def claims(settings: Settings, stage1: dict, task: dict) -> list[Claim]:
 
 # ------------------------------------------------------------------------------------- tables
 
+def label(name: str) -> str:
+    """A run's arm as the tables and plots name it (``align/wordot_n64`` -> ``WordOT, n = 64``)."""
+    arm = name.split("/")[-1]
+    return LABEL.get(arm, arm.replace("wordot_n", "WordOT, n = "))
+
+
 def stage1_rows(stage1: dict) -> list[dict[str, Any]]:
     rows = []
     for name, r in stage1.items():
-        arm = name.split("/")[-1]
         m = r.metrics
-        row = {"arm": LABEL.get(arm, arm.replace("wordot_n", "WordOT, n = ")), "steps": r.steps}
+        row = {"arm": label(name), "steps": r.steps}
         for lang in SEEN:
             row[f"{lang} word P@1"] = m[lang]["word_p1_cosine"]
             row[f"{lang} CSLS"] = m[lang]["word_p1_csls"]
@@ -251,31 +256,35 @@ def plot(stage1: dict, task: dict, settings: Settings, path: Path) -> None:
 
     fig, axes = subplots(5, width=4.2, height=3.3)
     arms = list(stage1)
+    color = {name: f"C{i}" for i, name in enumerate(arms)}
     width = 0.8 / len(arms)
     for ax, metric, title in ((axes[0], "word_p1_cosine", "word retrieval P@1 (cosine)"),
                               (axes[1], "coupling_p1", "OT-coupling link P@1")):
         for i, name in enumerate(arms):
             ax.bar(np.arange(len(SEEN)) + i * width, [stage1[name].metrics[lang][metric] for lang in SEEN], width,
-                   label=LABEL.get(name.split("/")[-1], name.split("/")[-1]))
+                   label=label(name), color=color[name])
         ax.set_xticks(np.arange(len(SEEN)) + 0.4 - width / 2, SEEN)
         lo = min(stage1[n].metrics[lang][metric] for n in arms for lang in SEEN)
         ax.set_ylim(max(0.0, lo - 0.05), 1.0)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=6)
-    for ax, key, title in ((axes[2], "divergence", "S_eps summed over pairs"), (axes[3], "reg", "regulariser")):
+    for ax, key, title in ((axes[2], "divergence", "alignment term summed over pairs\n(S_eps; L2-Cao: link MSE)"),
+                           (axes[3], "reg", "regulariser")):
         for name in arms:
             if name != "base":
-                ax.plot(*_curves(stage1[name].run_dir, key), label=LABEL.get(name.split("/")[-1], name))
+                ax.plot(*_curves(stage1[name].run_dir, key), label=label(name), color=color[name])
         ax.set_xlabel("update")
         ax.set_yscale("log")
         ax.set_title(f"stage 1: {title} (log scale)", fontsize=9)
+    axes[2].legend(fontsize=6)
     ax = axes[4]
     groups = [("en", ["en"]), ("seen", SEEN), ("unseen", UNSEEN)]
     width = 0.8 / len(TASK_ARMS)
     for i, arm in enumerate(TASK_ARMS):
         vals = [_seed_values(task, arm, settings.task_seeds, langs) for _, langs in groups]
         ax.bar(np.arange(len(groups)) + i * width, [np.mean(v) for v in vals], width,
-               yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals], capsize=2, label=LABEL[arm])
+               yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals], capsize=2, label=LABEL[arm],
+               color=color.get(arm if arm == "base" else f"align/{arm}"))
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [g for g, _ in groups])
     ax.set_title("stage 2: genre macro-F1 (mean ± s.d. over seeds)", fontsize=9)
     ax.legend(fontsize=7)

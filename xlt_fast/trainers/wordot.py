@@ -143,6 +143,12 @@ class WordOTConfig(TrainerConfig):
             problems.append(f"bitext: no such file {self.bitext!r}")
         if self.variant == "mix_languages" and len(self.target_lang) < 2:
             problems.append("variant: mix_languages mixes two or more target languages in one OT")
+        if self.variant == "l2_cao" and self.links == "eflomal":
+            try:
+                import eflomal  # noqa: F401
+            except ImportError:
+                problems.append("links: eflomal is not installed (pip install eflomal==2.0.0); links=lexicon uses "
+                                "the FreeDict lexicon instead")
         if self.variant == "l2_cao" and self.links == "lexicon":
             missing = [lang for lang in self.target_lang if not has_lexicon(self.source_lang, lang)]
             if missing:
