@@ -86,6 +86,13 @@ def write_claims(out_dir: Path, method: str, claims: Sequence[Claim], details: d
     return text
 
 
+def sizes(settings: Any, default: Any, workers: int | None) -> Any:
+    """The experiment's sizes: ``settings`` if given (tests), else ``default`` (quick or full), with
+    ``workers`` replaced when given."""
+    settings = settings or default
+    return settings if workers is None else dataclasses.replace(settings, workers=workers)
+
+
 @dataclasses.dataclass
 class Cell:
     """One run of a grid: a name (its directory under the grid's root) and its config."""

@@ -40,11 +40,11 @@ import torch
 
 from xlt_fast import metrics
 from xlt_fast.data import GENRES, languages, load_genre_task, prior_name, subsample_with_priors
-from xlt_fast.experiments.common import (Cell, Claim, cell_dir, mean_ci, run_cells, sign_verdict, spearman,
+from xlt_fast.experiments.common import (Cell, Claim, cell_dir, mean_ci, run_cells, sign_verdict, sizes, spearman,
                                          write_claims)
 from xlt_fast.trainers import iwda as trainer
 from xlt_fast.training import ConfigError, atomic, checkpoint, default_cache, replace
-from xlt_fast.training.plots import grid as subplots
+from xlt_fast.training.plots import finish, grid as subplots
 
 # method -> (config fields, aligned: takes the chosen lambda_da and critic scale)
 METHODS = {"zero_shot": ({"variant": "zero_shot"}, False),
@@ -395,7 +395,6 @@ COLORS = {"source_only": "tab:gray", "unweighted": "tab:red", "iwda": "tab:blue"
 def plot(recs: Sequence[dict], path: Path) -> None:
     """Fig. 3 analogue (Δ macro-F1 and Δ accuracy vs TV per method), the feature shift per method,
     and the quality of the weight estimates."""
-    import matplotlib.pyplot as plt
 
     fig, axes = subplots(4, width=4.4, height=3.4)
     methods = [m for m in recs[0]["f1"] if m != "zero_shot"]
@@ -433,10 +432,7 @@ def plot(recs: Sequence[dict], path: Path) -> None:
     ax.set_ylabel("TV(estimated p_T, p_T)")
     ax.set_title("importance-weight estimate error", fontsize=9)
     ax.legend(fontsize=7)
-    fig.suptitle("IWDA under class-prior shift (frozen e5-small, Bible genres, en → target)", fontsize=10)
-    fig.tight_layout()
-    atomic.save_figure(path, fig)
-    plt.close(fig)
+    finish(fig, path, "IWDA under class-prior shift (frozen e5-small, Bible genres, en → target)")
 
 
 NOTES = ("Notes: lambda_da and the critic scale were chosen on target **dev** data at no shift (the sweep's own "
@@ -449,9 +445,7 @@ def run(out_dir: str | Path, quick: bool = True, progress: bool = True, workers:
         settings: Settings | None = None) -> list[Claim]:
     """The whole experiment in ``out_dir`` (resumable: complete runs are reused); returns the claims.
     ``settings`` replaces the quick/full sizes (tests)."""
-    settings = settings or (QUICK if quick else FULL)
-    if workers is not None:
-        settings = dataclasses.replace(settings, workers=workers)
+    settings = sizes(settings, QUICK if quick else FULL, workers)
     out = Path(out_dir)
     root = out / "runs"
     times: dict[str, float] = {}

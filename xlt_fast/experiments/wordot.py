@@ -35,10 +35,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from xlt_fast.experiments.common import Cell, Claim, Interval, mean_ci, run_cells, write_claims
+from xlt_fast.experiments.common import Cell, Claim, Interval, mean_ci, run_cells, sizes, write_claims
 from xlt_fast.trainers import wordot as trainer
-from xlt_fast.training import atomic, replace
-from xlt_fast.training.plots import grid as subplots
+from xlt_fast.training import replace
+from xlt_fast.training.plots import finish, grid as subplots
 
 SEEN, UNSEEN = ("de", "fr", "es"), ("ko", "tl")
 # stage-1 arm -> config fields
@@ -252,7 +252,6 @@ def _curves(run_dir: str, key: str) -> tuple[list[int], list[float]]:
 def plot(stage1: dict, task: dict, settings: Settings, path: Path) -> None:
     """Word-retrieval P@1 and coupling P@1 per arm and language, S_eps and the regulariser over the
     stage-1 steps, and the zero-shot genre macro-F1 per stage-2 arm."""
-    import matplotlib.pyplot as plt
 
     fig, axes = subplots(5, width=4.2, height=3.3)
     arms = list(stage1)
@@ -288,10 +287,7 @@ def plot(stage1: dict, task: dict, settings: Settings, path: Path) -> None:
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [g for g, _ in groups])
     ax.set_title("stage 2: genre macro-F1 (mean ± s.d. over seeds)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.suptitle("WordOT (e5-small, Bible verses, held-out chapters)", fontsize=10)
-    fig.tight_layout()
-    atomic.save_figure(path, fig)
-    plt.close(fig)
+    finish(fig, path, "WordOT (e5-small, Bible verses, held-out chapters)")
 
 
 NOTES = ("Notes: only the top encoder layer(s) train, on cached states of the frozen layers below (the CPU "
@@ -305,9 +301,7 @@ def run(out_dir: str | Path, quick: bool = True, progress: bool = True, workers:
         settings: Settings | None = None) -> list[Claim]:
     """The whole experiment in ``out_dir`` (resumable: complete runs are reused); returns the claims.
     ``settings`` replaces the quick/full sizes (tests)."""
-    settings = settings or (QUICK if quick else FULL)
-    if workers is not None:
-        settings = dataclasses.replace(settings, workers=workers)
+    settings = sizes(settings, QUICK if quick else FULL, workers)
     out, t0, times = Path(out_dir), time.perf_counter(), {}
     root = out / "runs"
     trainer.prepare(replace(base_config(settings, variant="l2_cao"), progress=progress))  # encode, link once

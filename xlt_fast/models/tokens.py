@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from xlt_fast.data.tokenization import pool_subwords
+from xlt_fast.data.tokenization import pool_subwords, word_subword_spans
 from xlt_fast.models.classifier import transformer_layers
 
 WordMode = Literal["first", "last", "mean", "all"]
@@ -32,14 +32,7 @@ def word_spans(tokenizer, sentences: Sequence[Sequence[str]], max_length: int) -
     """For each pre-split sentence, the ``[start, end)`` token positions of each word that survives
     truncation to ``max_length`` (special tokens belong to no word)."""
     enc = tokenizer([list(s) for s in sentences], is_split_into_words=True, truncation=True, max_length=max_length)
-    out = []
-    for b in range(len(sentences)):
-        spans: dict[int, list[int]] = {}
-        for t, w in enumerate(enc.word_ids(b)):
-            if w is not None:
-                spans.setdefault(w, [t, t + 1])[1] = t + 1
-        out.append([tuple(spans[w]) for w in sorted(spans)])
-    return out
+    return word_subword_spans(enc, len(sentences))
 
 
 @dataclass

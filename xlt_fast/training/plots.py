@@ -35,6 +35,16 @@ def grid(n: int, width: float = 3.6, height: float = 2.6):
     return fig, flat[:n]
 
 
+def finish(fig, path: Path, title: str) -> None:
+    """Title, tight layout, write ``path`` atomically, close."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic.save_figure(path, fig)
+    plt.close(fig)
+
+
 def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
     """``train.png`` (each training quantity vs step, one colour per phase) and ``eval.png`` (each
     evaluation metric vs step, one line per split)."""
