@@ -19,61 +19,63 @@ def _rand(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
 
 
-def _pairwise(backend, metric="euclidean"):
-    x, y = _rand(2, 5, 4, seed=0), _rand(2, 6, 4, seed=1)
-    xm = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    ym = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 0, 0]], dtype=torch.bool)
+def _pairwise(backend, device, metric="euclidean"):
+    x, y = _rand(2, 5, 4, seed=0).to(device), _rand(2, 6, 4, seed=1).to(device)
+    xm = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool, device=device)
+    ym = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 0, 0]], dtype=torch.bool, device=device)
     return (lambda x, y, **kw: xlt_fast.pairwise_distance(x, y, metric, xm, ym, backend=backend, **kw),
             {"x": (x, xm), "y": (y, ym)})
 
 
-def _info_nce(backend):
+def _info_nce(backend, device):
     return (lambda a, b, **kw: xlt_fast.info_nce(a, b, 0.1, "cosine", backend=backend, **kw),
-            {"a": (_rand(6, 4, seed=2), None), "b": (_rand(6, 4, seed=3), None)})
+            {"a": (_rand(6, 4, seed=2).to(device), None), "b": (_rand(6, 4, seed=3).to(device), None)})
 
 
-def _supcon(backend, metric="cosine"):
-    labels = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1])
-    mask = torch.tensor([1, 1, 1, 1, 1, 0, 1, 0], dtype=torch.bool)
+def _supcon(backend, device, metric="cosine"):
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1], device=device)
+    mask = torch.tensor([1, 1, 1, 1, 1, 0, 1, 0], dtype=torch.bool, device=device)
     return (lambda features, **kw: xlt_fast.supcon(features, labels, 0.2, metric, mask, backend=backend, **kw),
-            {"features": (_rand(8, 4, seed=4), mask)})
+            {"features": (_rand(8, 4, seed=4).to(device), mask)})
 
 
-def _negative_contrastive(backend):
-    nmask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+def _negative_contrastive(backend, device):
+    nmask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool, device=device)
     return (lambda anchor, positive, negatives, **kw: xlt_fast.negative_contrastive(
         anchor, positive, negatives, 0.5, "euclidean", negative_mask=nmask, backend=backend, **kw),
-        {"anchor": (_rand(4, 3, seed=5), None), "positive": (_rand(4, 3, seed=6), None),
-         "negatives": (_rand(4, 3, 3, seed=7), nmask)})
+        {"anchor": (_rand(4, 3, seed=5).to(device), None), "positive": (_rand(4, 3, seed=6).to(device), None),
+         "negatives": (_rand(4, 3, 3, seed=7).to(device), nmask)})
 
 
-def _negative_learning(backend):
-    labels = torch.tensor([0, 2, 1, 1])
+def _negative_learning(backend, device):
+    labels = torch.tensor([0, 2, 1, 1], device=device)
     return (lambda logits, **kw: xlt_fast.negative_learning(logits, labels, backend=backend, **kw),
-            {"logits": (_rand(4, 3, seed=8), None)})
+            {"logits": (_rand(4, 3, seed=8).to(device), None)})
 
 
-def _critic(backend):
-    critic = WassersteinCritic(3, 16, 2)
-    ps, pt = torch.softmax(_rand(5, 2, seed=11), 1), torch.softmax(_rand(4, 2, seed=12), 1)
+def _critic(backend, device):
+    critic = WassersteinCritic(3, 16, 2).to(device)
+    ps = torch.softmax(_rand(5, 2, seed=11), 1).to(device)
+    pt = torch.softmax(_rand(4, 2, seed=12), 1).to(device)
 
     def run(z_src, z_tgt, src_weight, **kw):
-        return critic.critic_gp(z_src, z_tgt, ps, pt, src_weight, alpha=torch.full((4,), 0.3), backend=backend, **kw)
-    return run, {"z_src": (_rand(5, 3, seed=9), None), "z_tgt": (_rand(4, 3, seed=10), None),
-                 "src_weight": (torch.rand(5, generator=torch.Generator().manual_seed(13)) + 0.5, None)}
+        return critic.critic_gp(z_src, z_tgt, ps, pt, src_weight, alpha=torch.full((4,), 0.3, device=device),
+                                backend=backend, **kw)
+    return run, {"z_src": (_rand(5, 3, seed=9).to(device), None), "z_tgt": (_rand(4, 3, seed=10).to(device), None),
+                 "src_weight": ((torch.rand(5, generator=torch.Generator().manual_seed(13)) + 0.5).to(device), None)}
 
 
-def _coupling(backend):
-    mask = torch.tensor([True, False, True, False])
+def _coupling(backend, device):
+    mask = torch.tensor([True, False, True, False], device=device)
     return (lambda x, s_raw, t, **kw: xlt_fast.coupling(x, s_raw, t, mask, "tanh", backend=backend, **kw),
-            {"x": (_rand(3, 4, seed=14), None), "s_raw": (_rand(3, 2, seed=15), None),
-             "t": (_rand(3, 2, seed=16), None)})
+            {"x": (_rand(3, 4, seed=14).to(device), None), "s_raw": (_rand(3, 2, seed=15).to(device), None),
+             "t": (_rand(3, 2, seed=16).to(device), None)})
 
 
-CASES = {**{f"pairwise_distance-{m}": (lambda b, m=m: _pairwise(b, m), ("cpu", "triton"))
+CASES = {**{f"pairwise_distance-{m}": (lambda b, d, m=m: _pairwise(b, d, m), ("cpu", "triton"))
             for m in ("sqeuclidean", "euclidean", "cosine", "dot")},
          "info_nce": (_info_nce, ("cpu", "triton")),
-         **{f"supcon-{m}": (lambda b, m=m: _supcon(b, m), ("cpu", "triton")) for m in ("cosine", "sqeuclidean")},
+         **{f"supcon-{m}": (lambda b, d, m=m: _supcon(b, d, m), ("cpu", "triton")) for m in ("cosine", "sqeuclidean")},
          "negative_contrastive": (_negative_contrastive, ("cpu", "triton")),
          "negative_learning": (_negative_learning, ("cpu", "triton")), "critic_gp": (_critic, ("cpu",)),
          "coupling": (_coupling, ("cpu",))}
@@ -104,16 +106,10 @@ def _plant(t: torch.Tensor, mask, real: bool, value: float) -> torch.Tensor:
     return t
 
 
-def _backend_device(op, backend, device):
-    if device == "cuda":
-        pytest.skip("GPU case")  # the CPU machines run reference, cpu and the Triton interpreter
-    return CASES[op][0](backend)
-
-
 @pytest.mark.parametrize("op,backend,device", PARAMS)
 @pytest.mark.parametrize("value", BAD, ids=("nan", "inf", "-inf"))
 def test_non_finite_real_entry_is_an_error_naming_the_input(op, backend, device, value):
-    fn, inputs = _backend_device(op, backend, device)
+    fn, inputs = CASES[op][0](backend, device)
     for name, (t, mask) in inputs.items():
         planted = {k: v for k, (v, _) in inputs.items()}
         planted[name] = _plant(t, mask, True, value)
@@ -128,7 +124,7 @@ def test_non_finite_real_entry_is_an_error_naming_the_input(op, backend, device,
 @pytest.mark.parametrize("op,backend,device", MASKED_PARAMS)
 @pytest.mark.parametrize("value", BAD, ids=("nan", "inf", "-inf"))
 def test_non_finite_padding_changes_nothing(op, backend, device, value):
-    fn, inputs = _backend_device(op, backend, device)
+    fn, inputs = CASES[op][0](backend, device)
     masked = [name for name, (_, mask) in inputs.items() if mask is not None]
     assert masked
     want, want_grads = _outputs(fn, inputs)
@@ -144,12 +140,10 @@ def test_non_finite_padding_changes_nothing(op, backend, device, value):
 
 @pytest.mark.parametrize("backend,device", [("reference", "cpu")] + kernel_backends("cpu", "triton"))
 def test_negative_index_pool_rows_behind_masked_negatives_are_never_read(backend, device):
-    if device == "cuda":
-        pytest.skip("GPU case")
-    anchor, positive = _rand(3, 4, seed=20), _rand(3, 4, seed=21)
-    pool = _rand(6, 4, seed=22)
-    idx = torch.tensor([[0, 5], [1, 2], [5, 3]])
-    nmask = torch.tensor([[1, 0], [1, 1], [0, 1]], dtype=torch.bool)  # pool row 5 only behind masked entries
+    anchor, positive = _rand(3, 4, seed=20).to(device), _rand(3, 4, seed=21).to(device)
+    pool = _rand(6, 4, seed=22).to(device)
+    idx = torch.tensor([[0, 5], [1, 2], [5, 3]], device=device)
+    nmask = torch.tensor([[1, 0], [1, 1], [0, 1]], dtype=torch.bool, device=device)  # pool row 5: masked entries only
     want = xlt_fast.negative_contrastive(anchor, positive, idx, pool=pool, negative_mask=nmask, backend=backend)
     bad = pool.clone()
     bad[5] = float("nan")
@@ -178,10 +172,8 @@ def test_bool_membership_is_not_indices():
 def test_negative_learning_is_finite_and_exact_at_any_gap(backend, device, gap):
     """-log(1 - p_k) for the argmax class k at a logit gap g is log(1 + e^-g ...) + g - ..., finite;
     compared with the same formula in fp64 (fp32 rounding of a value ~g/2: relative 1e-6)."""
-    if device == "cuda":
-        pytest.skip("GPU case")
-    z = torch.tensor([[gap, 0.0, -1.0], [0.0, gap, 1.0], [1.0, 2.0, 3.0]], requires_grad=True)
-    w = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    z = torch.tensor([[gap, 0.0, -1.0], [0.0, gap, 1.0], [1.0, 2.0, 3.0]], device=device, requires_grad=True)
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], device=device)
     loss = xlt_fast.negative_learning(z, w, backend=backend)
     (grad,) = torch.autograd.grad(loss, z)
     z64 = z.detach().double().requires_grad_(True)
