@@ -138,18 +138,15 @@ def wordot_step(backend: str, dtype: torch.dtype = torch.float32, scope: str = "
         wordot.WordOTConfig(), target_lang=list(WO_LANGS), batch_size=WO_BATCH, grad_accum=1, scope=scope,
         ot_backend=backend, trainable_layers=1, output_dir=tempfile.mkdtemp(), progress=False)
     ctx = Context(cfg, Dist("cpu"), Path(cfg.output_dir))
+    as_dtype = lambda ts: TokenSentences(ts.words, [t.to(dtype) for t in ts.states], ts.spans)  # noqa: E731
     tgt, src = _wordot_sentences(torch.Generator().manual_seed(3))
+    tgt, src = {lang: as_dtype(ts) for lang, ts in tgt.items()}, as_dtype(src)
     top = EncoderTop(_e5_layer(), cfg.trainable_layers).to(dtype)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # TokenSentences.batch pads into the default dtype
-    try:  # c_0 of Eq. 2, once per source sentence (as the trainer's build does)
-        initial = wordot.initial_states(frozen_copy(top), src, "cpu")
-    finally:
-        torch.set_default_dtype(default)
+    c0 = wordot.initial_states(frozen_copy(top), src, "cpu")  # Eq. 2's c_0, once per sentence (as build does)
     optimizer = torch.optim.Adam(top.parameters(), lr=cfg.lr)
     for lang in WO_LANGS:
         ctx.stream(f"align/{lang}", WO_SENTENCES, cfg.batch_size)
-    data = wordot.Data(align={lang: wordot.PairSet(lang, tgt[lang], src, src_initial=initial) for lang in WO_LANGS}, evals={},
+    data = wordot.Data(align={lang: wordot.PairSet(lang, tgt[lang], src, src_initial=c0) for lang in WO_LANGS}, evals={},
                        eval_labels=torch.zeros(0, dtype=torch.long), task=src,
                        task_labels=torch.zeros(WO_SENTENCES, dtype=torch.long), lexicons={})
     state = State(modules={"top": top}, optimizers={"align": optimizer}, data=data,
@@ -167,12 +164,7 @@ def wordot_step(backend: str, dtype: torch.dtype = torch.float32, scope: str = "
         for stream in state.streams.values():
             stream.position = 0
         torch.manual_seed(1)  # the same dropout masks in every implementation's step
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # TokenSentences.batch pads into the default dtype
-        try:
-            values = wordot._align_step(cfg, state, ctx)
-        finally:
-            torch.set_default_dtype(default)
+        values = wordot._align_step(cfg, state, ctx)
         return (*(torch.tensor(values[k], dtype=torch.float64) for k in ("loss", "divergence", "reg")),
                 *(p.grad.clone() for p in params))
     return run

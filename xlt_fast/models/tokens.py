@@ -13,6 +13,7 @@ from typing import Literal, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from xlt_fast.data.tokenization import pool_subwords, word_subword_spans
 from xlt_fast.models.classifier import transformer_layers
@@ -53,16 +54,13 @@ class TokenSentences:
         return len(self.states)
 
     def batch(self, idx: Sequence[int], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, list]:
-        """``(states (B, T, d), attention mask (B, T), spans)`` of sentences ``idx``."""
+        """``(states (B, T, d), attention mask (B, T), spans)`` of sentences ``idx``, zero-padded, in
+        the states' dtype."""
         idx = [int(i) for i in idx]
-        T = max(self.states[i].shape[0] for i in idx)
-        d = self.states[idx[0]].shape[1]
-        out = torch.zeros(len(idx), T, d)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
-        for b, i in enumerate(idx):
-            n = self.states[i].shape[0]
-            out[b, :n] = self.states[i]
-            mask[b, :n] = 1
+        rows = [self.states[i] for i in idx]
+        out = pad_sequence(rows, batch_first=True)
+        lengths = torch.tensor([r.shape[0] for r in rows])
+        mask = (torch.arange(out.shape[1]) < lengths[:, None]).long()
         return out.to(device), mask.to(device), [self.spans[i] for i in idx]
 
 

@@ -12,7 +12,8 @@ every subword a point); ``l_k = S_eps(alpha_k, beta_k) + lambda reg_k`` (Eq. 2 w
   (``scope="batch"``: one OT per language pair, B6.3) or per sentence pair and averaged
   (``scope="pair"``);
 * ``reg_k = sum_j |c(j, t) - c_0(j, t)|^2`` over the English words j of the batch (Eq. 2; B6.4:
-  ``reg_reduction="mean"`` averages), c_0 the frozen initial model (eval mode, no gradient).
+  ``reg_reduction="mean"`` averages), c_0 the initial model in eval mode: a constant, computed once
+  per English sentence before training.
 
 ``L = sum_k l_k``: one backward over all pairs, ``grad_accum`` micro-batches per Adam step (B1.7).
 Variants: ``wordot``; ``subot``; ``mix_languages`` (one OT between all languages' words and all
@@ -20,8 +21,9 @@ English words of the step, App. E); ``l2_cao`` (Cao et al. 2020: the mean of
 |c(i, s) - c(j, t)|^2 over one-to-one word links, eflomal's on the training bitext or the lexicon's,
 plus the same regulariser); ``base`` (no stage 1).
 
-Stage 2 (phase ``task``): English genre classification, mean-pooled last layer + linear head, cross
-entropy; zero-shot evaluation in every language (B5 iv).
+Stage 2 (phase ``task``): English genre classification (B5 iv) or XNLI (``task="xnli"``, premise and
+hypothesis as one pair, the paper's), mean-pooled last layer + linear head, cross entropy; zero-shot
+evaluation in every language.
 
 CPU form: the lower layers and the embeddings are frozen, and their output for every sentence is
 cached once (:meth:`xlt_fast.training.FeatureCache.tokens`); the top ``trainable_layers`` layers are
@@ -470,53 +472,42 @@ def _reg(cfg: WordOTConfig, y, ym, y0) -> torch.Tensor:
 
 def _l2_links(ps: PairSet, idx, x, xm, y, ym) -> torch.Tensor:
     """Mean squared distance of the linked word pairs of the batch (Cao et al.'s L2 objective)."""
-    rows, cols_x, cols_y = [], [], []
-    for b, i in enumerate(idx.tolist()):
-        for a, c in ps.links[i]:
-            if a < int(xm[b].sum()) and c < int(ym[b].sum()):  # both words survived truncation
-                rows.append(b)
-                cols_x.append(a)
-                cols_y.append(c)
-    if not rows:
+    nx, ny = xm.sum(1).tolist(), ym.sum(1).tolist()  # words that survived truncation, per sentence
+    found = [(b, a, c) for b, i in enumerate(idx.tolist()) for a, c in ps.links[i] if a < nx[b] and c < ny[b]]
+    if not found:
         return x.sum() * 0
-    r = torch.tensor(rows, device=x.device)
-    return (x[r, torch.tensor(cols_x, device=x.device)] - y[r, torch.tensor(cols_y, device=x.device)]).square().sum(-1).mean()
+    rows, cols_x, cols_y = torch.tensor(found, device=x.device).unbind(1)
+    return (x[rows, cols_x] - y[rows, cols_y]).square().sum(-1).mean()
 
 
 def _align_step(cfg: WordOTConfig, state: State, ctx: Context) -> dict[str, float]:
     data = state.data
     mode = "all" if cfg.variant == "subot" else cfg.word
-    totals = {"loss": 0.0, "divergence": 0.0, "reg": 0.0}
+    logged = []  # (loss, alignment terms, regularisers) per micro-batch, read back once per step
     ctx.zero_grad(["align"])
     for _ in range(cfg.grad_accum):
-        loss, parts, mixed = 0.0, [], []
+        terms, regs, mixed = [], [], []
         for lang, ps in data.align.items():
             idx = state.streams[f"align/{lang}"].next()
             x, xm = _points(state, ctx, ps.tgt, idx, mode)
             y, ym = _points(state, ctx, ps.src, idx, mode)
             h0, _, spans0 = ps.src_initial.batch(idx, ctx.device)
-            y0, _ = word_points(h0, spans0, mode)
-            reg = _reg(cfg, y, ym, y0)
+            regs.append(_reg(cfg, y, ym, word_points(h0, spans0, mode)[0]))
             if cfg.variant == "l2_cao":
-                xw, xwm = (x, xm) if mode == cfg.word else _points(state, ctx, ps.tgt, idx, cfg.word)
-                term = _l2_links(ps, idx, xw, xwm, y, ym)
+                terms.append(_l2_links(ps, idx, x, xm, y, ym))
             elif cfg.variant == "mix_languages":
                 mixed.append((pooled(x, xm), pooled(y, ym)))
-                term = torch.zeros((), device=reg.device)
             else:
-                term = _alignment_term(cfg, x, xm, y, ym)
-            loss = loss + term + cfg.reg_lambda * reg
-            parts.append((float(term.detach()), float(reg.detach())))
+                terms.append(_alignment_term(cfg, x, xm, y, ym))
         if mixed:  # App. E: one OT between every language's words and all English words of the step
-            term = _divergence(cfg, torch.cat([m[0] for m in mixed]), torch.cat([m[1] for m in mixed])).reshape(())
-            loss = loss + term
-            parts.append((float(term.detach()), 0.0))
+            terms.append(_divergence(cfg, torch.cat([m[0] for m in mixed]), torch.cat([m[1] for m in mixed])).reshape(()))
+        term, reg = torch.stack(terms).sum(), torch.stack(regs).sum()
+        loss = term + cfg.reg_lambda * reg
         ctx.backward(loss / cfg.grad_accum)
-        totals["loss"] += float(loss.detach()) / cfg.grad_accum
-        totals["divergence"] += sum(p[0] for p in parts) / cfg.grad_accum
-        totals["reg"] += sum(p[1] for p in parts) / cfg.grad_accum
+        logged.append(torch.stack([loss, term, reg]).detach())
     ctx.step(["align"])
-    return totals
+    values = (torch.stack(logged).mean(0)).tolist()
+    return dict(zip(("loss", "divergence", "reg"), values))
 
 
 # ---------------------------------------------------------------------------------------- stage 2

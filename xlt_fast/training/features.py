@@ -132,20 +132,25 @@ class FeatureCache:
         layers = list(dict.fromkeys(layers))
         keys = [_text_key(prefix + t) for t in texts]
         dirs = {layer: self._key_dir(encoder, layer, pooling, prefix, max_length) for layer in layers}
-        cached = {layer: self._read(d) for layer, d in dirs.items()}
-        missing = list(dict.fromkeys(i for i, k in enumerate(keys) if any(k not in cached[l] for l in layers)))
-        missing_keys = list(dict.fromkeys(keys[i] for i in missing))
-        if missing_keys:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            todo = [texts[first[k]] for k in missing_keys]
-            fresh = self._encode(todo, encoder, layers, pooling, prefix, max_length, batch_size, device, progress)
-            for layer in layers:
-                self._write(dirs[layer], missing_keys, fresh[layer])
-                cached[layer].update(zip(missing_keys, fresh[layer]))
-            self.encoded += len(missing_keys)
-        self.loaded += len(set(keys) - set(missing_keys))
+        cached = self._fetch(keys, dirs, lambda rows: self._encode(
+            [texts[i] for i in rows], encoder, layers, pooling, prefix, max_length, batch_size, device, progress))
         return {layer: torch.stack([cached[layer][k] for k in keys]) if keys else torch.empty(0)
                 for layer in layers}
+
+    def _fetch(self, keys: list[str], dirs: dict[int, Path], encode: Callable[[list[int]], dict]) -> dict:
+        """The cached rows of every layer's directory, after ``encode(rows)`` (indices into ``keys``,
+        one per distinct missing key) filled in and wrote what was missing."""
+        cached = {layer: self._read(d) for layer, d in dirs.items()}
+        missing = list(dict.fromkeys(k for k in keys if any(k not in cached[layer] for layer in dirs)))
+        if missing:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            fresh = encode([first[k] for k in missing])
+            for layer, key_dir in dirs.items():
+                self._write(key_dir, missing, fresh[layer])
+                cached[layer].update(zip(missing, fresh[layer]))
+            self.encoded += len(missing)
+        self.loaded += len(set(keys) - set(missing))
+        return cached
 
     def tokens(self, sentences: Sequence[Sequence[str]], *, second: Sequence[Sequence[str]] | None = None,
                encoder: str = E5_NAME, layers: Sequence[int] = (11,), max_length: int = 128, batch_size: int = 64,
@@ -161,17 +166,8 @@ class FeatureCache:
         keys = [_text_key("words\x1f" + "\x1f".join(a) + ("" if b is None else "\x1e" + "\x1f".join(b)))
                 for a, b in items]
         dirs = {layer: self._key_dir(encoder, layer, "tokens", "", max_length) for layer in layers}
-        cached = {layer: self._read(d) for layer, d in dirs.items()}
-        missing = list(dict.fromkeys(k for k in keys if any(k not in cached[l] for l in layers)))
-        if missing:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            todo = [items[first[k]] for k in missing]
-            fresh = self._encode_tokens(todo, encoder, layers, max_length, batch_size, device, progress)
-            for layer in layers:
-                self._write(dirs[layer], missing, fresh[layer])
-                cached[layer].update(zip(missing, fresh[layer]))
-            self.encoded += len(missing)
-        self.loaded += len(set(keys) - set(missing))
+        cached = self._fetch(keys, dirs, lambda rows: self._encode_tokens(
+            [items[i] for i in rows], encoder, layers, max_length, batch_size, device, progress))
         return {layer: [cached[layer][k] for k in keys] for layer in layers}
 
     @torch.inference_mode()
