@@ -249,3 +249,13 @@ def test_xnli_stage2_from_local_files(tmp_path, tiny):
     assert "word_p1_cosine" in result.metrics["de"]  # the Bible word-level evaluation still runs
     with pytest.raises(ConfigError, match="xnli_files: .* needs both"):
         load_config(wordot.WordOTConfig, None, ["--task", "xnli", "--xnli_files", "x.jsonl"])
+
+
+def test_data_parallel_is_refused(tmp_path, tiny):
+    """A pooled OT over a batch split across processes is another objective: refused, not run."""
+    from types import SimpleNamespace
+
+    cfg = _cfg(tmp_path, tiny, "ddp")
+    ctx = SimpleNamespace(dist=SimpleNamespace(world_size=2))  # what build reads first
+    with pytest.raises(ConfigError, match="world_size: WordOT runs in one process \\(got 2\\)"):
+        wordot.build(cfg, ctx)

@@ -386,6 +386,11 @@ def _init_from(cfg: WordOTConfig, top: nn.Module) -> None:
 
 
 def build(cfg: WordOTConfig, ctx: Context) -> State:
+    if ctx.dist.world_size > 1:
+        # one pooled OT couples every sentence of a batch, and the regulariser is a sum over it:
+        # splitting the batch over processes would change the objective, not just parallelise it
+        raise ConfigError("WordOTConfig", [f"world_size: WordOT runs in one process (got {ctx.dist.world_size}); "
+                                           "its pooled OT and summed regulariser do not split over processes"])
     data = load_data(cfg, ctx)
     encoder = default_cache().encoder(cfg.encoder, ctx.device)
     top = EncoderTop(encoder.model, cfg.trainable_layers).to(ctx.device)
