@@ -34,14 +34,11 @@ linked words, OT-coupling link P@1 inside verse pairs, sentence retrieval P@1, g
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import sys
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,16 +47,14 @@ from torch import nn
 
 import xlt_fast
 from xlt_fast import metrics
-from xlt_fast.data import GENRES, load_genre_task, load_lexicon, load_xnli, read_bitext, subsample_with_priors
-from xlt_fast.data.bible import load_parallel
+from xlt_fast.data import GENRES, load_genre_task, load_xnli, read_bitext, subsample_with_priors
 from xlt_fast.data.formats import XNLI_LABELS
-from xlt_fast.data.lexicons import dictionary_files
-from xlt_fast.data.words import eflomal_links, lexicon_links, lexicon_set, moses_words, normalise
-from xlt_fast.models.e5_offline import cache_root
-from xlt_fast.models.tokens import EncoderTop, TokenSentences, frozen_copy, pooled, word_points, word_spans
+from xlt_fast.data.words import lexicon_links, moses_words, normalise
+from xlt_fast.models.tokens import EncoderTop, TokenSentences, frozen_copy, pooled, word_points
+from xlt_fast.trainers.parallel import (cached_eflomal, eval_mode, has_lexicon, language_pairs, lexicon, num_layers,
+                                        shared_ids, token_states, verse_texts)
 from xlt_fast.training import (Context, Dist, Phase, State, TrainerConfig, arg, default_cache, derive_seed,
                                warmup_linear)
-from xlt_fast.training import atomic
 from xlt_fast.training.checkpoint import latest
 from xlt_fast.training.config import ConfigError
 
@@ -154,11 +149,11 @@ class WordOTConfig(TrainerConfig):
         if self.variant == "l2_cao" and self.links == "lexicon":
             missing = [lang for lang in self.target_lang if not has_lexicon(self.source_lang, lang)]
             if missing:
-                problems.append(f"links: no FreeDict lexicon for {_pairs(self.source_lang, missing)}; use links=eflomal")
+                problems.append(f"links: no FreeDict lexicon for {language_pairs(self.source_lang, missing)}; use links=eflomal")
         missing = [lang for lang in self.word_langs if not has_lexicon(self.source_lang, lang)]
         if missing:
             problems.append(f"word_langs: word retrieval needs a FreeDict lexicon, and there is none for "
-                            f"{_pairs(self.source_lang, missing)}; evaluate them at the sentence level (eval_langs)")
+                            f"{language_pairs(self.source_lang, missing)}; evaluate them at the sentence level (eval_langs)")
         if not problems and self.word_langs:
             outside = [lang for lang in self.word_langs if lang not in eval_languages(self)]
             if outside:
@@ -199,26 +194,12 @@ class Data:
     hits: tuple[int, dict] | None = None  # (step, per-word hits) of the last evaluation
 
 
-@lru_cache(maxsize=8)
-def _num_layers(name: str) -> int:
-    from transformers import AutoConfig
-
-    path = str(xlt_fast.models.e5_checkpoint(progress=False)) if name == xlt_fast.models.E5_NAME else name
-    return int(AutoConfig.from_pretrained(path).num_hidden_layers)
-
-
 def _sentences(cfg: WordOTConfig, ctx: Context, words: list[list[str]],
                second: list[list[str]] | None = None) -> TokenSentences:
-    """Token states of the frozen layers below the trainable ones (cached), and word spans (none
-    for sentence pairs, which stage 2 mean-pools)."""
-    cache = default_cache()
-    layer = _num_layers(cfg.encoder) - cfg.trainable_layers
-    states = cache.tokens(words, second=second, encoder=cfg.encoder, layers=(layer,), max_length=cfg.max_length,
-                          device=ctx.device, progress=cfg.progress and ctx.dist.is_main)[layer]
-    if second is not None:
-        return TokenSentences(words, states, [[] for _ in words])
-    tokenizer = cache.encoder(cfg.encoder, ctx.device).tokenizer
-    return TokenSentences(words, states, word_spans(tokenizer, words, cfg.max_length))
+    """Token states of the frozen layer below the trainable ones (cached), and word spans (none for
+    sentence pairs, which stage 2 mean-pools)."""
+    layer = num_layers(cfg.encoder) - cfg.trainable_layers
+    return token_states(cfg, ctx, words, (layer,), second)[layer]
 
 
 XNLI_LANGS = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh")
@@ -241,36 +222,6 @@ def _xnli(cfg: WordOTConfig, ctx: Context, lang: str, split: str, n: int) -> tup
             torch.tensor([ds.labels[i] for i in pick], device=ctx.device))
 
 
-def shared_ids(cfg: WordOTConfig, langs: Sequence[str], split: str, n: int, seed: int) -> list[str]:
-    """Verse ids with a translation in every language of ``langs`` (and the source), n of them drawn
-    with ``seed`` (all if n = 0; nested: a smaller n keeps a prefix of the same draw): every language
-    then pairs with the same source verses."""
-    common = None
-    for lang in langs:
-        ids = set(load_parallel(lang, cfg.source_lang, split).ids)
-        common = ids if common is None else common & ids
-    ids = sorted(common)
-    if n and n < len(ids):
-        ids = sorted(np.random.default_rng([seed, len(ids)]).permutation(ids)[:n].tolist())
-    return ids
-
-
-def _verses(cfg: WordOTConfig, lang: str, split: str, ids: list[str]) -> tuple[list[str], list[str]]:
-    pairs = load_parallel(lang, cfg.source_lang, split)
-    where = {v: i for i, v in enumerate(pairs.ids)}
-    return [pairs.first[where[v]] for v in ids], [pairs.second[where[v]] for v in ids]
-
-
-def _eflomal(tgt: list[list[str]], src: list[list[str]]) -> list[list[tuple[int, int]]]:
-    """eflomal links of a bitext, computed once per bitext content (eflomal seeds itself at random,
-    so a rerun would otherwise train on other links)."""
-    digest = hashlib.sha256(json.dumps([tgt, src]).encode()).hexdigest()[:24]
-    path = cache_root() / "links" / f"eflomal-{digest}.json"
-    if not path.is_file():
-        atomic.write_json(path, eflomal_links(tgt, src))
-    return [[tuple(link) for link in links] for links in json.loads(path.read_text())]
-
-
 def load_data(cfg: WordOTConfig, ctx: Context) -> Data:
     langs = list(cfg.target_lang)
     with ctx.dist.main_first():
@@ -281,24 +232,24 @@ def load_data(cfg: WordOTConfig, ctx: Context) -> Data:
             align[langs[0]] = PairSet(langs[0], _sentences(cfg, ctx, moses_words(pairs.first[:n], langs[0])),
                                       _sentences(cfg, ctx, moses_words(pairs.second[:n], cfg.source_lang)))
         else:
-            ids = shared_ids(cfg, langs, "train_a", cfg.n_pairs, cfg.data_seed)
+            ids = shared_ids(cfg.source_lang, langs, "train_a", cfg.n_pairs, cfg.data_seed)
             src = None
             for lang in langs:
-                tgt_texts, src_texts = _verses(cfg, lang, "train_a", ids)
+                tgt_texts, src_texts = verse_texts(cfg.source_lang, lang, "train_a", ids)
                 src = src or _sentences(cfg, ctx, moses_words(src_texts, cfg.source_lang))
                 align[lang] = PairSet(lang, _sentences(cfg, ctx, moses_words(tgt_texts, lang)), src)
         if cfg.variant == "l2_cao":
             for lang, ps in align.items():
                 if cfg.links == "eflomal":
-                    ps.links = _eflomal(ps.tgt.words, ps.src.words)
+                    ps.links = cached_eflomal(ps.tgt.words, ps.src.words)
                 else:
-                    lex = _lexicon(cfg.source_lang, lang, "train")
+                    lex = lexicon(cfg.source_lang, lang, "train")
                     ps.links = [lexicon_links(t, s, lex) for t, s in zip(ps.tgt.words, ps.src.words)]
         eval_langs = eval_languages(cfg)
-        eval_ids = shared_ids(cfg, eval_langs, "test", cfg.n_eval, cfg.data_seed + 1)
+        eval_ids = shared_ids(cfg.source_lang, eval_langs, "test", cfg.n_eval, cfg.data_seed + 1)
         evals, src = {}, None
         for lang in eval_langs:
-            tgt_texts, src_texts = _verses(cfg, lang, "test", eval_ids)
+            tgt_texts, src_texts = verse_texts(cfg.source_lang, lang, "test", eval_ids)
             src = src or _sentences(cfg, ctx, moses_words(src_texts, cfg.source_lang))
             evals[lang] = PairSet(lang, _sentences(cfg, ctx, moses_words(tgt_texts, lang)), src)
         genre = load_genre_task(cfg.source_lang, "test")
@@ -313,28 +264,9 @@ def load_data(cfg: WordOTConfig, ctx: Context) -> Data:
         else:  # XNLI: English train, zero-shot test in every XNLI language of the run
             task, task_labels = _xnli(cfg, ctx, cfg.source_lang, "train", cfg.n_task)
             xnli = {lang: _xnli(cfg, ctx, lang, "test", cfg.n_eval) for lang in xnli_languages(cfg)}
-    lexicons = {lang: _lexicon(cfg.source_lang, lang, "all") for lang in word_languages(cfg)}
+    lexicons = {lang: lexicon(cfg.source_lang, lang, "all") for lang in word_languages(cfg)}
     return Data(align, evals, torch.tensor([label_of[v] for v in eval_ids], device=ctx.device), task, task_labels,
                 lexicons, xnli)
-
-
-@lru_cache(maxsize=16)
-def _lexicon(source: str, lang: str, split: str) -> frozenset[tuple[str, str]]:
-    """The FreeDict lexicon as normalised ``(lang word, source word)`` pairs (memoised)."""
-    return frozenset(lexicon_set(load_lexicon(source, lang, split), reverse=True))
-
-
-def _pairs(source: str, langs: Sequence[str]) -> str:
-    return ", ".join(f"{source}-{lang}" for lang in langs)
-
-
-def has_lexicon(source: str, lang: str) -> bool:
-    """Whether the FreeDict ``source``-``lang`` dictionary is installed."""
-    try:
-        dictionary_files(source, lang)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def word_languages(cfg: WordOTConfig) -> list[str]:
@@ -545,24 +477,13 @@ def phases(cfg: WordOTConfig, state: State) -> list[Phase]:
 
 # -------------------------------------------------------------------------------------- evaluate
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """``module`` in eval mode (no dropout) inside the block, its previous mode after."""
-    was = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was)
-
-
 @torch.no_grad()
 def _eval_points(state: State, ctx: Context, sents: TokenSentences, word: str, batch: int = 64):
     """Word clouds ``(N, n, d)``, masks and sentence vectors ``(N, d)`` of every sentence (eval mode;
     batched by length, so little is padding)."""
     order = sorted(range(len(sents)), key=lambda i: sents.states[i].shape[0])
     clouds, masks, sentences = [], [], []
-    with _eval_mode(state.modules["top"]) as top:
+    with eval_mode(state.modules["top"]) as top:
         for a in range(0, len(sents), batch):
             x, mask, spans = sents.batch(order[a:a + batch], ctx.device)
             hidden = top(x, mask)
@@ -639,7 +560,7 @@ def _evaluate(state: State, ctx: Context) -> tuple[dict[str, dict[str, Any]], di
         out[lang] = row
     if state.phase == "task":
         for lang, (sents, y) in data.xnli.items():
-            with torch.no_grad(), _eval_mode(state.modules["top"]):
+            with torch.no_grad(), eval_mode(state.modules["top"]):
                 vectors = torch.cat([_sentence_vectors(state, ctx, sents, range(a, min(a + 64, len(sents))))
                                      for a in range(0, len(sents), 64)])
                 pred = state.modules["head"](vectors).argmax(1).cpu()
