@@ -9,12 +9,12 @@ import pytest
 from tiny_encoder import make_tiny_encoder
 from xlt_fast.data.bible import load_parallel
 from xlt_fast.data.words import moses_words
-from xlt_fast.experiments import wordot as exp
+from xlt_fast.experiments import common, wordot as exp
 
 
 def test_verse_bootstrap_resamples_whole_verses():
     verse, diff = [0, 0, 0, 1, 2, 2], [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
-    draws = exp.verse_bootstrap(verse, diff, 2000, seed=0)
+    draws = common.verse_bootstrap(verse, diff, 2000, seed=0)
     # a draw's mean is 3a / (3a + b + 2c) for a, b, c copies of verses 0, 1, 2: only these values occur
     possible = {3 * a / (3 * a + b + 2 * c) for a in range(4) for b in range(4) for c in range(4)
                 if a + b + c == 3}

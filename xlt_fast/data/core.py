@@ -84,11 +84,21 @@ class TokenDataset:
 
     tokens: list[list[str]]
     tags: list[list[str]]
+    path: str = ""                   # the file read, if any (for errors)
+    lines: list[int] | None = None   # its line of each sentence's first token (1-based)
 
     def __post_init__(self) -> None:
         for i, (words, tags) in enumerate(zip(self.tokens, self.tags, strict=True)):
             if len(words) != len(tags):
                 raise ValueError(f"sentence {i}: {len(words)} tokens but {len(tags)} tags")
+        if self.lines is not None and len(self.lines) != len(self.tokens):
+            raise ValueError(f"{len(self.lines)} line numbers for {len(self.tokens)} sentences")
+
+    def where(self, sentence: int, word: int = 0) -> str:
+        """``"file, line N"`` of a word read from a file (one word per line), else ``"sentence S, word W"``."""
+        if self.lines is None:
+            return f"sentence {sentence}, word {word}"
+        return f"{self.path}, line {self.lines[sentence] + word}"
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -87,7 +87,7 @@ def read_conll(path: str | os.PathLike, token_column: int = 0, tag_column: int =
     tags = [[tag for _, _, tag in sent] for sent in sentences]
     if convert_to is not None:
         tags = [convert_tags(sent, scheme, convert_to) for sent in tags]
-    return TokenDataset(tokens, tags)
+    return TokenDataset(tokens, tags, str(path), [sent[0][0] for sent in sentences])
 
 
 def write_conll(path: str | os.PathLike, data: TokenDataset) -> None:

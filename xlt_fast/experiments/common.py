@@ -65,6 +65,16 @@ def sign_verdict(ci: Interval, direction: int) -> Verdict:
     return "reproduced" if direction * bound > 0 else "consistent"
 
 
+def verse_bootstrap(verse: Sequence[int], diff: Sequence[float], n_boot: int, seed: int = 0) -> np.ndarray:
+    """``n_boot`` bootstrap means of ``diff`` (one value per linked word), resampling verses: a
+    cluster bootstrap, since the words of a verse are not independent."""
+    ids, inverse = np.unique(np.asarray(verse), return_inverse=True)
+    sums = np.bincount(inverse, weights=np.asarray(diff, dtype=np.float64), minlength=len(ids))
+    counts = np.bincount(inverse, minlength=len(ids))
+    draws = np.random.default_rng(seed).integers(0, len(ids), (n_boot, len(ids)))
+    return sums[draws].sum(1) / counts[draws].sum(1)
+
+
 def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """Spearman rank correlation and its two-sided p-value."""
     from scipy import stats
@@ -84,6 +94,21 @@ def write_claims(out_dir: Path, method: str, claims: Sequence[Claim], details: d
     text = "\n".join(lines) + "\n" + markdown
     atomic.write_text(out_dir / "claims.md", text)
     return text
+
+
+def markdown(rows: Sequence[dict[str, Any]], fmt: str = "{:.3f}") -> str:
+    keys = [k for k in rows[0] if not k.endswith(" sd")]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r[k]
+            text = fmt.format(v) if isinstance(v, float) else str(v)
+            if f"{k} sd" in r and not math.isnan(r[f"{k} sd"]):
+                text += f" ± {r[f'{k} sd']:.3f}"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def sizes(settings: Any, default: Any, workers: int | None) -> Any:

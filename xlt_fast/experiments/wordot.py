@@ -35,7 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from xlt_fast.experiments.common import Cell, Claim, Interval, mean_ci, run_cells, sizes, write_claims
+from xlt_fast.experiments.common import (Cell, Claim, Interval, markdown, mean_ci, run_cells, sizes, verse_bootstrap,
+                                         write_claims)
 from xlt_fast.trainers import wordot as trainer
 from xlt_fast.training import replace
 from xlt_fast.training.plots import finish, grid as subplots
@@ -101,16 +102,6 @@ def task_cells(settings: Settings, stage1: dict[str, Any], arms: Sequence[str] =
 
 
 # ------------------------------------------------------------------------------------- statistics
-
-def verse_bootstrap(verse: Sequence[int], diff: Sequence[float], n_boot: int, seed: int = 0) -> np.ndarray:
-    """``n_boot`` bootstrap means of ``diff`` (one value per linked word), resampling verses: a
-    cluster bootstrap, since the words of a verse are not independent."""
-    ids, inverse = np.unique(np.asarray(verse), return_inverse=True)
-    sums = np.bincount(inverse, weights=np.asarray(diff, dtype=np.float64), minlength=len(ids))
-    counts = np.bincount(inverse, minlength=len(ids))
-    draws = np.random.default_rng(seed).integers(0, len(ids), (n_boot, len(ids)))
-    return sums[draws].sum(1) / counts[draws].sum(1)
-
 
 def word_delta(results: dict, arm: str, other: str, langs: Sequence[str], metric: str, n_boot: int) -> Interval:
     """``arm - other`` on a per-word hit metric, averaged over ``langs`` (each language weighs the
@@ -224,21 +215,6 @@ def task_rows(settings: Settings, task: dict) -> list[dict[str, Any]]:
             row[f"{name} F1 sd"] = float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
         rows.append(row)
     return rows
-
-
-def markdown(rows: Sequence[dict[str, Any]], fmt: str = "{:.3f}") -> str:
-    keys = [k for k in rows[0] if not k.endswith(" sd")]
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        cells = []
-        for k in keys:
-            v = r[k]
-            text = fmt.format(v) if isinstance(v, float) else str(v)
-            if f"{k} sd" in r and not math.isnan(r[f"{k} sd"]):
-                text += f" ± {r[f'{k} sd']:.3f}"
-            cells.append(text)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------- plot

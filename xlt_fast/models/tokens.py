@@ -80,14 +80,17 @@ class EncoderTop(nn.Module):
             p.requires_grad_(True)
         self._model = [model]  # a list: not a submodule (its parameters are not this module's)
 
-    def forward(self, states: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, states: Tensor, mask: Tensor, *, every_layer: bool = False) -> Tensor | list[Tensor]:
+        """The last layer's states, or (``every_layer``) the output of each of the k layers."""
         model = self._model[0]
         attn = model._create_attention_masks(attention_mask=mask, encoder_attention_mask=None, embedding_output=states,
                                              encoder_hidden_states=None, cache=None)[0]
+        outputs = []
         for layer in self.layers:
             out = layer(states, attention_mask=attn)
             states = out[0] if isinstance(out, tuple) else out
-        return states
+            outputs.append(states)
+        return outputs if every_layer else states
 
 
 def word_points(hidden: Tensor, spans: Sequence[Sequence[tuple[int, int]]], mode: WordMode = "last"
