@@ -104,7 +104,7 @@ def link_coupling(links: Sequence[Sequence[tuple[int, int]]], x_mask: Tensor, y_
     B, n = x_mask.shape
     m = y_mask.shape[1]
     T = torch.zeros(B, n, m, device=x_mask.device)
-    found = [(b, i, j) for b, pair in enumerate(links) for i, j in pair if i < n and j < m]
+    found = [(b, i, j) for b, pair in enumerate(links) for i, j in pair if 0 <= i < n and 0 <= j < m]
     if found:
         rows, cols_x, cols_y = torch.tensor(found, device=x_mask.device).unbind(1)
         keep = x_mask[rows, cols_x] & y_mask[rows, cols_y]

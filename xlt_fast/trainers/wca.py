@@ -242,9 +242,10 @@ def _tag_ids(data: TokenDataset, names: list[str]) -> list[list[int]]:
 def _ner_data(cfg: WCAConfig, ctx: Context):
     train = _ner_set(cfg.ner_train, cfg.source_lang, "train", cfg.tag_scheme)
     n = min(cfg.n_task, len(train))
-    names = sorted({t for tags in train.tags[:n] for t in tags}, key=lambda t: (t != "O", t[2:], t))
+    # "O" always has id 0: the tag of words that max_length cuts off
+    names = sorted({"O"} | {t for tags in train.tags[:n] for t in tags}, key=lambda t: (t != "O", t[2:], t))
     if len(names) < 2:
-        raise ValueError(f"ner_train: {cfg.ner_train} has one tag only ({names}); nothing to learn")
+        raise ValueError(f"ner_train: {cfg.ner_train} has no entity tag (only 'O'); nothing to learn")
     task = _sentences(cfg, ctx, train.tokens[:n])
     labels = _tag_ids(TokenDataset(train.tokens[:n], train.tags[:n], train.path, (train.lines or [])[:n] or None),
                       names)
