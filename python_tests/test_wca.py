@@ -270,6 +270,35 @@ def test_resume_equals_uninterrupted(tmp_path, tiny):
     assert results[0]["metrics"] == results[1]["metrics"] and results[0]["steps"] == results[1]["steps"] == 6
 
 
+def test_two_processes_match_one(tmp_path, tiny):
+    """torchrun, 2 CPU processes on gloo, the same global batches (8 labelled + 8 pairs, each process
+    4 + 4): the couplings are per pair and both losses are means, so the averaged gradients are the
+    1-process gradients; equal within fp32 all-reduce rounding after 18 AdamW steps (dropout off:
+    per-process masks)."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["train", "wca", "--encoder", tiny, "--target_lang", "de", "fr", "--layers", "1", "2", "3",
+            "--trainable_layers", "2", "--n_task", "48", "--n_pairs", "24", "--n_eval", "20", "--batch_size", "8",
+            "--pair_batch_size", "8", "--max_length", "48", "--dropout", "0", "--no_progress", "--no_plots"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "xlt_fast.cli"] + args + ["--output_dir", str(tmp_path / "one")],
+                   check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                    "xlt_fast.cli"] + args + ["--output_dir", str(tmp_path / "two")], check=True, env=env,
+                   timeout=300)
+    states = [torch.load(checkpoint.latest(tmp_path / d / "checkpoints") / "state.pt", weights_only=True)["modules"]
+              for d in ("one", "two")]
+    for module in ("top", "head"):
+        for k, v in states[0][module].items():
+            torch.testing.assert_close(states[1][module][k], v, rtol=1e-4, atol=1e-5, msg=f"{module}.{k}")
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert r2["steps"] == r1["steps"] == 18  # 3 epochs of 48 labelled sentences in batches of 8
+    for lang in ("de", "fr"):
+        assert r2["metrics"][lang]["align_hard"] == pytest.approx(r1["metrics"][lang]["align_hard"], rel=1e-4)
+
+
 # ----------------------------------------------------------------------------------- NER
 
 def _rule_tags(words):

@@ -350,7 +350,7 @@ def build(cfg: WCAConfig, ctx: Context) -> State:
         for lang, ps in data.pairs.items():
             ctx.stream(f"pairs/{lang}", len(ps.src), cfg.pair_batch_size)
     return State(modules={"top": top, "head": head}, optimizers={"train": opt}, schedulers={"train": sched},
-                 data=data, parallel={"top": ctx.wrap(top)})
+                 data=data, parallel={"top": ctx.wrap(top), "head": ctx.wrap(head)})
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -434,7 +434,7 @@ def train_step(cfg: WCAConfig, state: State, ctx: Context) -> dict[str, float]:
         parts += [(ps.src.input, pidx), (ps.tgt.input, pidx)]
     x, mask, spans, rows = _joint(parts, ctx.device)
     outputs = state.parallel["top"](x, mask, every_layer=True)
-    task = _task_loss(cfg, data, state.modules["head"], outputs[-1][rows[0]], mask[rows[0]], spans[rows[0]], idx)
+    task = _task_loss(cfg, data, state.parallel["head"], outputs[-1][rows[0]], mask[rows[0]], spans[rows[0]], idx)
     if cfg.variant == "task_only":
         ctx.update(task, ["train"])
         return {"loss": task.item(), "task": task.item()}
