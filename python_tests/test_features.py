@@ -76,3 +76,29 @@ def test_partial_or_corrupt_part_is_rebuilt(tmp_path, tiny, damage):
 def test_bad_layer_names_the_range(tmp_path, tiny):
     with pytest.raises(ValueError, match=r"layers \[3\] outside 0..2"):
         FeatureCache(tmp_path).get(TEXTS[:2], encoder=tiny, layers=(3,), progress=False)
+
+
+def test_only_parts_holding_wanted_texts_are_read(tmp_path, tiny):
+    """A manifest lists its part's keys: a request reads the parts that hold one of its texts and
+    no other; a part written before the list existed is read, and its manifest gains the list."""
+    import json
+
+    first, second = TEXTS[:10], TEXTS[10:20]
+    writer = FeatureCache(tmp_path)
+    writer.get(first, encoder=tiny, layers=(1,), progress=False)
+    writer.get(second, encoder=tiny, layers=(1,), progress=False)
+    key_dir = next(d for d in tmp_path.iterdir() if d.is_dir())
+    manifests = sorted(key_dir.glob("part-*.json"))
+    assert len(manifests) == 2 and all(len(json.loads(m.read_text())["keys"]) == 10 for m in manifests)
+    reader = FeatureCache(tmp_path)
+    got = reader.get(second, encoder=tiny, layers=(1,), progress=False)
+    assert reader.encoded == 0 and len(reader._parts[key_dir]) == 1
+    torch.testing.assert_close(got[1], _direct(tiny, second, 1), rtol=1e-5, atol=1e-6)
+    for m in manifests:  # as an older version wrote them
+        meta = json.loads(m.read_text())
+        del meta["keys"]
+        m.write_text(json.dumps(meta))
+    legacy = FeatureCache(tmp_path)
+    legacy.get(second, encoder=tiny, layers=(1,), progress=False)
+    assert legacy.encoded == 0 and len(legacy._parts[key_dir]) == 2
+    assert all(len(json.loads(m.read_text())["keys"]) == 10 for m in manifests)

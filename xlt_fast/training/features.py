@@ -85,8 +85,9 @@ class FeatureCache:
         key = json.dumps([self._fingerprints[encoder], layer, pooling, prefix, max_length, FEATURES_VERSION])
         return self.root / hashlib.sha256(key.encode()).hexdigest()[:24]
 
-    def _read(self, key_dir: Path) -> dict[str, torch.Tensor]:
-        """Every valid row under ``key_dir`` (parts read once per instance)."""
+    def _read(self, key_dir: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
+        """The valid rows under ``key_dir`` of every part that holds a ``wanted`` key (its manifest
+        lists them; a part without the list is read anyway), each part read once per instance."""
         rows = self._rows.setdefault(key_dir, {})
         seen = self._parts.setdefault(key_dir, set())
         if not key_dir.is_dir():
@@ -101,6 +102,8 @@ class FeatureCache:
                 continue
             try:
                 meta = json.loads(manifest.read_text())
+                if "keys" in meta and wanted.isdisjoint(meta["keys"]):
+                    continue  # nothing asked for: not read (yet)
                 blob = part.read_bytes()
                 if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
                     raise ValueError("checksum mismatch")
@@ -111,6 +114,8 @@ class FeatureCache:
                 part.unlink(missing_ok=True)  # partial or corrupt: its rows are encoded again
                 manifest.unlink(missing_ok=True)
                 continue
+            if "keys" not in meta:  # written before manifests listed their keys: list them now
+                atomic.write_json(manifest, {**meta, "keys": list(data["keys"])})
             rows.update(zip(data["keys"], data["features"]))
             seen.add(part.name)
         return rows
@@ -120,7 +125,7 @@ class FeatureCache:
         part = key_dir / f"part-{digest}.pt"
         rows = features.contiguous() if isinstance(features, torch.Tensor) else [f.contiguous() for f in features]
         atomic.torch_save(part, {"keys": keys, "features": rows})
-        atomic.write_json(part.with_suffix(".json"), {"rows": len(keys),
+        atomic.write_json(part.with_suffix(".json"), {"rows": len(keys), "keys": keys,
                                                       "sha256": hashlib.sha256(part.read_bytes()).hexdigest()})
         self._parts.setdefault(key_dir, set()).add(part.name)
 
@@ -140,7 +145,8 @@ class FeatureCache:
     def _fetch(self, keys: list[str], dirs: dict[int, Path], encode: Callable[[list[int]], dict]) -> dict:
         """The cached rows of every layer's directory, after ``encode(rows)`` (indices into ``keys``,
         one per distinct missing key) filled in and wrote what was missing."""
-        cached = {layer: self._read(d) for layer, d in dirs.items()}
+        wanted = set(keys)
+        cached = {layer: self._read(d, wanted) for layer, d in dirs.items()}
         missing = list(dict.fromkeys(k for k in keys if any(k not in cached[layer] for layer in dirs)))
         if missing:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
