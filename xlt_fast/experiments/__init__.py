@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXPERIMENTS = ("iwda", "wordot")
+EXPERIMENTS = ("iwda", "wordot", "wca")
 
 
 def get(name: str) -> ModuleType:

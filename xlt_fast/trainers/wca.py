@@ -2,8 +2,8 @@
 (Wang and Henao; seed 001). Spec: ``shared/specs/wca_wordot.md`` part A.
 
 One phase, ``train``. Every step draws a labelled English batch and a batch of parallel sentence
-pairs (English x^s, target x^t: Bible verses, or a ``bitext`` file) and takes one AdamW step on Eq. 7 (the text's L^ce(X^l, X^l) read
-as L^ce(X^l, Y^l), A6.7)::
+pairs (English x^s, target x^t: Bible verses, or a ``bitext`` file) and takes one AdamW step on
+Eq. 7 (the text's L^ce(X^l, X^l) read as L^ce(X^l, Y^l), A6.7)::
 
     L = L_ce(x^l, y^l) + beta L_w(x^s, x^t),    beta = 1e-2 (Sec. 4.1)
 
@@ -49,7 +49,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
 from xlt_fast import metrics
 from xlt_fast.data import (GENRES, load_conll_ner, load_genre_task, load_wikiann, read_bitext, read_conll,
@@ -89,6 +88,7 @@ class WCAConfig(TrainerConfig):
     bitext: str = arg("", "a TSV bitext (target_lang<TAB>source_lang per line, e.g. the target NER sentences and "
                       "their translations, as the paper) instead of the Bible pairs; one target_lang")
     n_eval: int = arg(2000, "held-out verses per language (test)", ge=10)
+    n_align_eval: int = arg(500, "of them, the pairs whose held-out L_w is reported", ge=1)
     data_seed: int = arg(0, "seed of the data subsamples", ge=0)
     # model
     trainable_layers: int = arg(12, "top encoder layers trained (the rest and the embeddings frozen, cached)", ge=1)
@@ -358,17 +358,15 @@ def build(cfg: WCAConfig, ctx: Context) -> State:
 def _joint(parts: Sequence[tuple[TokenSentences, Any]], device) -> tuple[torch.Tensor, torch.Tensor, list, list]:
     """One padded batch of several selections ``(sentences, idx)``: states, mask, spans and each
     part's rows (one forward for all of them, as DDP wants one per backward)."""
-    rows, spans, slices, start = [], [], [], 0
+    words, states, spans, slices = [], [], [], []
     for sents, idx in parts:
         idx = [int(i) for i in idx]
-        rows += [sents.states[i] for i in idx]
+        slices.append(slice(len(states), len(states) + len(idx)))
+        words += [sents.words[i] for i in idx]
+        states += [sents.states[i] for i in idx]
         spans += [sents.spans[i] for i in idx]
-        slices.append(slice(start, start + len(idx)))
-        start += len(idx)
-    x = pad_sequence(rows, batch_first=True)
-    lengths = torch.tensor([r.shape[0] for r in rows])
-    mask = (torch.arange(x.shape[1]) < lengths[:, None]).long()
-    return x.to(device), mask.to(device), spans, slices
+    x, mask, spans = TokenSentences(words, states, spans).batch(range(len(states)), device)
+    return x, mask, spans, slices
 
 
 def _fixed_states(stack: Stack, idx, layer: int, width: int, device) -> torch.Tensor:
@@ -473,32 +471,38 @@ def _ner_predict(state: State, ctx: Context, sents: TokenSentences) -> list[list
 
 @torch.no_grad()
 def held_out(cfg: WCAConfig, state: State, ctx: Context) -> tuple[dict[str, float], dict[str, list[int]]]:
-    """Per target language, ``L_w`` (Eq. 3) of the hard coupling on the held-out pairs under the eval
-    model (no dropout); for the genre task also every held-out verse's predicted genre (English
-    included). One forward per sentence: the English side once for all languages."""
+    """Per target language, ``L_w`` (Eq. 3) of the hard coupling on the first ``n_align_eval``
+    held-out pairs under the eval model (no dropout); for the genre task also every held-out verse's
+    predicted genre (English included). One forward per sentence: the English side once for all
+    languages."""
     data, top, head = state.data, state.modules["top"], state.modules["head"]
     langs = list(data.eval_pairs)
     src = data.eval_pairs[langs[0]].src  # the same English verses for every language
-    order = sorted(range(len(src)), key=lambda i: src.input.states[i].shape[0])
+    n_align = min(cfg.n_align_eval, len(src))
+    n = len(src) if cfg.task == "genre" else n_align
+    order = sorted(range(n), key=lambda i: src.input.states[i].shape[0])
     loss = dict.fromkeys(langs, 0.0)
     genres: dict[str, list[int]] = {lang: [0] * len(src) for lang in [cfg.source_lang, *langs]}
 
-    def forward(stack: Stack, idx, lang: str):
+    def forward(stack: Stack, idx, lang: str, keep):
         x, mask, spans = stack.input.batch(idx, ctx.device)
         outputs = top(x, mask, every_layer=True)
         if cfg.task == "genre":
             for i, p in zip(idx.tolist(), head(_mean_pool(outputs[-1], mask)).argmax(1).tolist()):
                 genres[lang][i] = p
-        return _layer_states(cfg, data.first_trained, outputs, stack, idx, slice(None)), spans
+        states = _layer_states(cfg, data.first_trained, outputs, stack, idx, slice(None))
+        return [s[keep] for s in states], [spans[k] for k in keep.tolist()]
 
     with eval_mode(top):
         for a in range(0, len(order), 64):
             idx = torch.tensor(order[a:a + 64])
-            english = forward(src, idx, cfg.source_lang)
+            keep = (idx < n_align).nonzero().flatten()
+            english = forward(src, idx, cfg.source_lang, keep)
             for lang in langs:
-                value = alignment(cfg, "hard", english, forward(data.eval_pairs[lang].tgt, idx, lang))
-                loss[lang] += float(value) * len(idx)  # a mean over pairs: weighted by the batch's pairs
-    return {lang: v / len(src) for lang, v in loss.items()}, genres
+                target = forward(data.eval_pairs[lang].tgt, idx, lang, keep)
+                if len(keep):  # a mean over pairs: each batch weighted by its pairs
+                    loss[lang] += float(alignment(cfg, "hard", english, target)) * len(keep)
+    return {lang: v / n_align for lang, v in loss.items()}, genres
 
 
 def evaluate(state: State, ctx: Context) -> dict[str, dict[str, Any]]:
