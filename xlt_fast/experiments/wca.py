@@ -390,32 +390,41 @@ def arm_rows(results: dict, arms: Sequence[str], seeds, langs, metric: str, pref
 # ---------------------------------------------------------------------------------------- plots
 
 def plot(ea0: dict, results: dict, settings: Settings, path: Path) -> None:
-    names = list(coupling_methods(settings.eps))
+    """Differences, where the question is one: each coupling's link P@1 minus nearest token's (with
+    the 95% verse-bootstrap interval), the conflict rates, and each arm's zero-shot score minus
+    task-only's (mean over seeds, a dot per seed)."""
+    others = [n for n in coupling_methods(settings.eps) if n != "NT"]
     fig, axes = subplots(4, width=4.4, height=3.2)
-    for k, lang in enumerate(ea0):
-        axes[0].bar(np.arange(len(names)) + 0.27 * (k - 1), [100 * _p1(ea0[lang], n) for n in names], 0.27, label=lang)
-    axes[0].set_xticks(range(len(names)), [n.replace(" eps=", "\n") for n in names], fontsize=5, rotation=60)
-    axes[0].set_ylim(bottom=50)
-    axes[0].set(title="E-A0 link P@1, all gold words (%)")
+    for k, (lang, r) in enumerate(ea0.items()):
+        deltas = [coupling_delta(r, n, "NT", "all", settings.n_boot, k) for n in others]
+        mean = np.array([100 * d.mean for d in deltas])
+        err = np.array([[100 * (d.mean - d.low) for d in deltas], [100 * (d.high - d.mean) for d in deltas]])
+        axes[0].bar(np.arange(len(others)) + 0.27 * (k - 1), mean, 0.27, yerr=err, capsize=2, label=lang)
+    axes[0].axhline(0, color="k", lw=0.8)
+    axes[0].set_xticks(range(len(others)), [n.replace(" eps=", "\n") for n in others], fontsize=5, rotation=60)
+    axes[0].set(title="E-A0: link P@1 minus NT (points)")
     axes[0].legend(fontsize=6)
-    token = [n for n in names if "soft" not in n]
+    token = [n for n in coupling_methods(settings.eps) if "soft" not in n]
     for k, lang in enumerate(ea0):
         axes[1].bar(np.arange(len(token)) + 0.27 * (k - 1), [100 * np.mean(ea0[lang][n]["unselected"]) for n in token],
                     0.27, label=lang)
     axes[1].set_xticks(range(len(token)), [n.replace(" eps=", "\n") for n in token], fontsize=5, rotation=60)
-    axes[1].set(title="E-A0 conflict rate (%)")
+    axes[1].set(title="E-A0: conflict rate (%)")
     for ax, (arms, seeds, langs, metric, prefix, title) in zip(axes[2:], (
-            (ARMS, settings.seeds, LANGS, "macro_f1", "", "E-A1 zero-shot genre macro-F1"),
-            (settings.ner_arms, settings.ner_seeds, NER_LANGS, "entity_f1", "ner/", "silver names, entity F1"))):
-        if not all(f"{prefix}{a}-s{s}" in results for a in arms for s in seeds):
+            (list(ARMS), settings.seeds, LANGS, "macro_f1", "", "E-A1: genre macro-F1"),
+            (list(settings.ner_arms), settings.ner_seeds, NER_LANGS, "entity_f1", "ner/", "names: entity F1"))):
+        arms = [a for a in arms if a != "task_only"]
+        if not arms or not all(f"{prefix}{a}-s{s}" in results for a in [*arms, "task_only"] for s in seeds):
             ax.set_visible(False)
             continue
+        base = np.array(seed_values(results, "task_only", seeds, langs, metric, prefix))
         for i, arm in enumerate(arms):
-            v = seed_values(results, arm, seeds, langs, metric, prefix)
-            ax.bar(i, np.mean(v), 0.6, color="C0")
+            v = 100 * (np.array(seed_values(results, arm, seeds, langs, metric, prefix)) - base)
+            ax.bar(i, v.mean(), 0.6, color="C0")
             ax.scatter([i] * len(v), v, color="k", s=8, zorder=3)
+        ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(arms)), [LABEL[a] for a in arms], fontsize=6, rotation=30)
-        ax.set(title=f"{title} ({'/'.join(langs)}; dots: seeds)")
+        ax.set(title=f"{title} - task-only", ylabel=f"points, mean of {'/'.join(langs)} (dots: seeds)")
     finish(fig, path, "WCA (e5-small, Bible verses, held-out chapters)")
 
 
