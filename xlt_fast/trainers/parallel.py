@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 from functools import lru_cache
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -93,6 +94,29 @@ def has_lexicon(source: str, lang: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def bitext_problems(bitext: str, target_lang: Sequence[str]) -> list[str]:
+    """Config problems of a ``bitext`` field (one language pair per file, the file present)."""
+    problems = []
+    if bitext and len(target_lang) != 1:
+        problems.append("bitext: a bitext file holds one language pair; give exactly one target_lang")
+    if bitext and not Path(bitext).is_file():
+        problems.append(f"bitext: no such file {bitext!r}")
+    return problems
+
+
+def link_problems(links: str, source: str, target_lang: Sequence[str]) -> list[str]:
+    """Config problems of word links by ``links`` (eflomal installed, or a lexicon for every pair)."""
+    if links == "eflomal":
+        try:
+            import eflomal  # noqa: F401
+        except ImportError:
+            return ["links: eflomal is not installed (pip install eflomal==2.0.0); links=lexicon uses the FreeDict "
+                    "lexicon instead"]
+        return []
+    missing = [lang for lang in target_lang if not has_lexicon(source, lang)]
+    return [f"links: no FreeDict lexicon for {language_pairs(source, missing)}; use links=eflomal"] if missing else []
 
 
 @contextlib.contextmanager

@@ -58,7 +58,7 @@ from xlt_fast.data.tokenization import IGNORE_INDEX
 from xlt_fast.data.words import lexicon_links, moses_words
 from xlt_fast.models.tokens import EncoderTop, TokenSentences, word_points
 from xlt_fast.nn import token_alignment as ta
-from xlt_fast.trainers.parallel import (cached_eflomal, eval_mode, has_lexicon, language_pairs, lexicon, num_layers,
+from xlt_fast.trainers.parallel import (bitext_problems, cached_eflomal, eval_mode, lexicon, link_problems, num_layers,
                                         shared_ids, token_states, verse_texts)
 from xlt_fast.training import Context, Dist, Phase, State, TrainerConfig, arg, default_cache, derive_seed, warmup_linear
 from xlt_fast.training.config import ConfigError
@@ -128,10 +128,7 @@ class WCAConfig(TrainerConfig):
             problems.append(f"target_lang: the Bible corpus is missing ({exc})")
         if not self.target_lang:
             problems.append("target_lang: at least one language to align")
-        if self.bitext and len(self.target_lang) != 1:
-            problems.append("bitext: a bitext file holds one language pair; give exactly one target_lang")
-        if self.bitext and not Path(self.bitext).is_file():
-            problems.append(f"bitext: no such file {self.bitext!r}")
+        problems += bitext_problems(self.bitext, self.target_lang)
         if self.source_lang in self.target_lang:
             problems.append(f"target_lang: {self.source_lang} is the source language")
         if not self.layers or len(set(self.layers)) != len(self.layers):
@@ -152,17 +149,8 @@ class WCAConfig(TrainerConfig):
                         problems.append(f"ner_test: no file for {missing} ({self.ner_test!r})")
         elif self.ner_train or self.ner_test:
             problems.append("ner_train, ner_test: given, but task is not ner")
-        if self.variant == "aligner" and self.links == "eflomal":
-            try:
-                import eflomal  # noqa: F401
-            except ImportError:
-                problems.append("links: eflomal is not installed (pip install eflomal==2.0.0); links=lexicon uses "
-                                "the FreeDict lexicon instead")
-        if self.variant == "aligner" and self.links == "lexicon":
-            missing = [lang for lang in self.target_lang if not has_lexicon(self.source_lang, lang)]
-            if missing:
-                problems.append(f"links: no FreeDict lexicon for {language_pairs(self.source_lang, missing)}; "
-                                "use links=eflomal")
+        if self.variant == "aligner":
+            problems += link_problems(self.links, self.source_lang, self.target_lang)
         return problems
 
 

@@ -51,8 +51,8 @@ from xlt_fast.data import GENRES, load_genre_task, load_xnli, read_bitext, subsa
 from xlt_fast.data.formats import XNLI_LABELS
 from xlt_fast.data.words import lexicon_links, moses_words, normalise
 from xlt_fast.models.tokens import EncoderTop, TokenSentences, frozen_copy, pooled, word_points
-from xlt_fast.trainers.parallel import (cached_eflomal, eval_mode, has_lexicon, language_pairs, lexicon, num_layers,
-                                        shared_ids, token_states, verse_texts)
+from xlt_fast.trainers.parallel import (bitext_problems, cached_eflomal, eval_mode, has_lexicon, language_pairs, lexicon,
+                                        link_problems, num_layers, shared_ids, token_states, verse_texts)
 from xlt_fast.training import (Context, Dist, Phase, State, TrainerConfig, arg, default_cache, derive_seed,
                                warmup_linear)
 from xlt_fast.training.checkpoint import latest
@@ -134,22 +134,11 @@ class WordOTConfig(TrainerConfig):
             problems.append("target_lang: at least one language to align")
         elif not problems and not eval_languages(self):
             problems.append("eval_langs: at least one language of the Bible corpus is needed for the evaluation")
-        if self.bitext and len(self.target_lang) != 1:
-            problems.append("bitext: a bitext file holds one language pair; give exactly one target_lang")
-        if self.bitext and not Path(self.bitext).is_file():
-            problems.append(f"bitext: no such file {self.bitext!r}")
+        problems += bitext_problems(self.bitext, self.target_lang)
         if self.variant == "mix_languages" and len(self.target_lang) < 2:
             problems.append("variant: mix_languages mixes two or more target languages in one OT")
-        if self.variant == "l2_cao" and self.links == "eflomal":
-            try:
-                import eflomal  # noqa: F401
-            except ImportError:
-                problems.append("links: eflomal is not installed (pip install eflomal==2.0.0); links=lexicon uses "
-                                "the FreeDict lexicon instead")
-        if self.variant == "l2_cao" and self.links == "lexicon":
-            missing = [lang for lang in self.target_lang if not has_lexicon(self.source_lang, lang)]
-            if missing:
-                problems.append(f"links: no FreeDict lexicon for {language_pairs(self.source_lang, missing)}; use links=eflomal")
+        if self.variant == "l2_cao":
+            problems += link_problems(self.links, self.source_lang, self.target_lang)
         missing = [lang for lang in self.word_langs if not has_lexicon(self.source_lang, lang)]
         if missing:
             problems.append(f"word_langs: word retrieval needs a FreeDict lexicon, and there is none for "
