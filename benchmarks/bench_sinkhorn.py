@@ -23,14 +23,30 @@ target word near a random source word of its pair (a translation) plus the targe
 offset; norms ~7 at d = 384 (e5-small's last-layer word vectors: 5..10) and ~16 at d = 768 (mBERT /
 e5-base-like). Target: values equal to the float64 truth within 1e-4 relative (fp64 exact), and at
 least 3x faster than GeomLoss tensorized (the printed ratio; not asserted).
+
+WCA's coupling (seed 001, ``xlt_fast.nn.token_alignment``; op ``wca coupling``): per training step,
+the entropic plans of 4 layers x 32 sentence pairs, n, m ~ U[20, 60] subwords (padded with masks),
+cosine cost, eps = 0.05, plans returned; d = 384 and 768. Every implementation is timed from the
+token states: the costs (``cosine_costs``, one batched GEMM in plain PyTorch, given to every solver
+alike; GeomLoss computes its own from the points) and the 128 plans. The states are synthetic
+(:func:`_wca_states`); the truth is the converged float64 run of the C++ kernel. Two rows per size:
+``it=200``, a fixed number of updates and no stopping rule (the same count for every solver), and
+``tol=1e-5``, each solver stopping by its own rule at that number: ours, per problem, the L1
+violation of both marginals (``|P 1 - a|_1 + |P^T 1 - b|_1``, every update); POT's, for the whole
+batch, the largest L2 violation of the row marginal (its columns are exact after each v update),
+every 10 updates. Target: plans within 1e-5 (max abs) of the truth, and at least 3x faster than the
+fastest peer (the printed ratio divides by POT's time; not asserted).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 import xlt_fast
 from xlt_fast.benchmarks.common import kernel_backends
 from xlt_fast.benchmarks.harness import Case
+from xlt_fast.nn.token_alignment import cosine_costs, layer_plans
 
 
 # float32 gradients at eps = 0.0025 differ from the float64 truth by ~1e-3..1e-2 of their scale
@@ -156,6 +172,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                                                                               backend=name).cost)
         out.append(Case("sinkhorn fixed eps", f"B={B},n=m={n},d=768,eps={eps:g}", "fwd", impls,
                         baseline="POT solve_batch"))
+    out += _wca_cases(device, quick, geomloss, solve_batch)
     return out
 
 
@@ -206,4 +223,112 @@ def _wordot_cases(device: torch.device, quick: bool, geomloss) -> list[Case]:
                 out.append(Case("sinkhorn_divergence", shape, mode, impls,
                                 baseline="geomloss tensorized" if geomloss is not None else "reference",
                                 tolerance=FP32_GRAD_TOL if bwd else 1e-4))
+    return out
+
+
+# WCA's coupling (module docstring). Our updates are averaged (GeomLoss's symmetric loop), POT's
+# alternate: at eps = 0.05 on these costs ours need ~200 updates to come within 1e-5 of the converged
+# plans, POT's ~50, so the fixed count is 200 for everyone (POT's plans are converged there too).
+WCA_EPS, WCA_ITERS, WCA_TOL, WCA_MAX_ITERS = 0.05, 200, 1e-5, 1000
+
+
+def _wca_states(L: int, B: int, lo: int, hi: int, d: int, seed: int):
+    """Token states of ``B`` parallel sentence pairs at ``L`` layers: ``xs (L, B, n, d)``,
+    ``ys (L, B, m, d)`` zero-padded, masks ``(B, n)``, ``(B, m)``, n_k, m_k ~ U[lo, hi] (the counts
+    depend on ``seed`` only). Per layer a shared direction (anisotropy), one per sentence pair and
+    one per source token; each target token is a noisy copy of a random real source token of its
+    pair (its translation). Cosine costs of real pairs lie in ~[0.07, 0.67] (unrelated tokens
+    ~0.5, a target token to its translation ~0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    ns = torch.randint(lo, hi + 1, (B,), generator=g)
+    ms = torch.randint(lo, hi + 1, (B,), generator=g)
+    n, m = int(ns.max()), int(ms.max())
+    xm = torch.arange(n) < ns.unsqueeze(1)
+    ym = torch.arange(m) < ms.unsqueeze(1)
+
+    def unit(*shape):  # random directions of norm ~1
+        return torch.randn(*shape, d, generator=g) / d ** 0.5
+    xs, ys = [], []
+    for _ in range(L):
+        common, sent, words = unit(), unit(B, 1), unit(B, n)
+        link = (torch.rand(B, m, generator=g) * ns.unsqueeze(1)).long()  # each target token's translation
+        tw = 0.8 * words.gather(1, link.unsqueeze(-1).expand(B, m, d)) + 0.6 * unit(B, m)
+        xs.append(0.6 * common + 0.4 * sent + 0.7 * words)
+        ys.append(0.6 * common + 0.4 * sent + 0.7 * tw)
+    return torch.stack(xs) * xm.unsqueeze(-1), torch.stack(ys) * ym.unsqueeze(-1), xm, ym
+
+
+def _wca_plans(xs, ys, xm, ym, n_iters: int, tol, backend: str):
+    """The trainer's coupling: cosine costs of the states, then every layer's plan in one call."""
+    return layer_plans(cosine_costs(xs, ys), xm, ym, eps=WCA_EPS, n_iters=n_iters, tol=tol, backend=backend)[0]
+
+
+def _wca_truth(xs, ys, xm, ym):
+    """The converged plans: float64 C++ kernel, until the L1 marginal violation is below 1e-10."""
+    plans, err = layer_plans(cosine_costs(xs.double().cpu(), ys.double().cpu()), xm.cpu(), ym.cpu(),
+                             eps=WCA_EPS, n_iters=5 * WCA_MAX_ITERS, tol=1e-10, backend="cpu")
+    if not bool(err.max() < 1e-10):
+        raise RuntimeError(f"WCA truth not converged (marginal violation {float(err.max()):.2g})")
+    return plans.to(xs.device, torch.float32)
+
+
+def _layer_weights(mask, L: int):
+    """Uniform weights over the real tokens, 0 on the padding, repeated for the ``L`` layers: ``(L * B, n)``."""
+    return (mask.to(torch.float32) / mask.sum(1, keepdim=True)).repeat(L, 1)
+
+
+def _pot_plans(solve_batch, xs, ys, xm, ym, n_iters: int, tol):
+    """POT's batched log-Sinkhorn on the same costs. It takes per-problem weights, so ragged sizes
+    need no grouping by size: a zero weight gives a -inf potential and exact zeros in the plan
+    (checked: no NaN). ``tol`` None: POT's check still runs every 10 updates, with tol 0 it never stops."""
+    C = cosine_costs(xs, ys)
+    L, B, n, m = C.shape
+    res = solve_batch(C.reshape(L * B, n, m), WCA_EPS, a=_layer_weights(xm, L), b=_layer_weights(ym, L),
+                      max_iter=n_iters, tol=0.0 if tol is None else tol, method="log_sinkhorn", reg_type="kl",
+                      grad="detach")
+    return res.plan.view(L, B, n, m)
+
+
+def _geomloss_fixed_eps(geomloss, n_iters: int):
+    """GeomLoss's tensorized loop (the same averaged updates as ours) for ``n_iters`` updates at eps.
+    GeomLoss has no fixed-eps mode (its ``ot.solve_batch`` anneals from the cost range), so the
+    schedule ``[D] + arange(log D, log blur, log scaling) + [blur]`` is pinned: D = eps (1 + 1e-7) and
+    the ratio that gives n_iters - 2 steps in between, all within 1e-7 of eps. No stopping rule."""
+    delta = 1e-7
+    scaling = math.exp(-math.log1p(delta) / (n_iters - 2.5))
+    return geomloss.SamplesLoss("sinkhorn", p=1, blur=WCA_EPS, diameter=WCA_EPS * (1 + delta), scaling=scaling,
+                                cost=cosine_costs, debias=False, potentials=True, backend="tensorized")
+
+
+def _geomloss_plans(loss, xs, ys, xm, ym):
+    """The plans ``a_i b_j exp((f_i + g_j - C_ij) / eps)`` of GeomLoss's potentials."""
+    L, B, n, d = xs.shape
+    x, y = xs.reshape(L * B, n, d), ys.reshape(L * B, -1, d)
+    a, b = _layer_weights(xm, L), _layer_weights(ym, L)
+    f, g = loss(a, x, b, y)
+    plan = a.unsqueeze(2) * b.unsqueeze(1) * torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - cosine_costs(x, y)) / WCA_EPS)
+    return plan.view(L, B, n, -1)
+
+
+def _wca_cases(device: torch.device, quick: bool, geomloss, solve_batch) -> list[Case]:
+    """WCA's coupling (module docstring) at d = 384 (and 768 in the full grid): a fixed number of
+    updates for every solver, and each solver's own stopping rule at tol = 1e-5."""
+    L, B, lo, hi = 4, 32, 20, 60
+    out = []
+    for d in [384] if quick else [384, 768]:
+        xs, ys, xm, ym = (t.to(device) for t in _wca_states(L, B, lo, hi, d, seed=1))
+        for mode, n_iters, tol in ((f"it={WCA_ITERS}", WCA_ITERS, None), (f"tol={WCA_TOL:g}", WCA_MAX_ITERS, WCA_TOL)):
+            impls = {"reference": lambda xs=xs, ys=ys, xm=xm, ym=ym: _wca_truth(xs, ys, xm, ym)}
+            if solve_batch is not None:
+                impls["POT solve_batch"] = (lambda xs=xs, ys=ys, xm=xm, ym=ym, n_iters=n_iters, tol=tol:
+                                            _pot_plans(solve_batch, xs, ys, xm, ym, n_iters, tol))
+            if geomloss is not None and tol is None:
+                loss = _geomloss_fixed_eps(geomloss, n_iters)
+                impls["geomloss tensorized"] = (lambda xs=xs, ys=ys, xm=xm, ym=ym, loss=loss:
+                                                _geomloss_plans(loss, xs, ys, xm, ym))
+            for name in kernel_backends(device, "cpu", "triton"):
+                impls[f"xlt_fast[{name}]"] = (lambda name=name, xs=xs, ys=ys, xm=xm, ym=ym, n_iters=n_iters, tol=tol:
+                                              _wca_plans(xs, ys, xm, ym, n_iters, tol, name))
+            out.append(Case("wca coupling", f"wca {L}x{B},U[{lo},{hi}],d={d}", mode, impls,
+                            baseline="POT solve_batch" if solve_batch is not None else "reference", tolerance=1e-5))
     return out

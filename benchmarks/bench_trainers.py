@@ -7,8 +7,8 @@ updates, projection) on frozen-feature batches of 32 + 32, d = 384, 8 classes. T
 same step with ``critic_backend="reference"``: the CDAN input ``p (x) z`` materialised and the
 penalty's gradient by ``torch.autograd.grad(create_graph=True)`` and a double backward, as the IWDA
 authors' code does. Rows: the quick experiment's critic width (384) and the paper's (2048). Every
-implementation starts from the same state (each its own copy; the timed repeats keep training it);
-the max error is that of the first step's losses and gradients (of g, h and the critic) against
+implementation has its own copy of one state, restored before every call (each call is the same
+step); the max error is that of the step's losses and gradients (of g, h and the critic) against
 the same step in float64 (reference backend).
 
 WordOT: one stage-1 step of ``xlt_fast.trainers.wordot`` (``_align_step``: for each of K = 3
@@ -31,6 +31,7 @@ layer's gradients. The full grid adds ``scope="pair"`` (one divergence per sente
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tempfile
 from pathlib import Path
@@ -41,7 +42,7 @@ from xlt_fast.benchmarks.common import kernel_backends
 from xlt_fast.benchmarks.harness import Case
 from xlt_fast.data.core import ClassificationDataset
 from xlt_fast.models.tokens import EncoderTop, TokenSentences, frozen_copy
-from xlt_fast.trainers import iwda, wordot
+from xlt_fast.trainers import iwda, wca, wordot
 from xlt_fast.training import Context, Dist, State, replace
 
 N_SOURCE, N_TARGET, D, K, BATCH = 2400, 1000, 384, 8, 32
@@ -61,8 +62,8 @@ def _data(dtype: torch.dtype) -> iwda.Data:
 
 
 def iwda_step(critic_hidden: int, backend: str, dtype: torch.dtype = torch.float32):
-    """A zero-argument IWDA step on its own copy of one initial state; returns the step's losses
-    and the updated parameters of g, h and the critic."""
+    """A zero-argument IWDA step from its own copy of one state (restored at every call); returns
+    the step's losses and the gradients of g, h and the critic."""
     cfg = replace(iwda.IWDAConfig(), variant="iwda", batch_size=BATCH, critic_hidden=critic_hidden, lambda_da=0.5,
                   critic_scale="one", critic_backend=backend, output_dir=tempfile.mkdtemp(), progress=False)
     ctx = Context(cfg, Dist("cpu"), Path(cfg.output_dir))
@@ -77,8 +78,10 @@ def iwda_step(critic_hidden: int, backend: str, dtype: torch.dtype = torch.float
     steps = iwda._steps(cfg, cfg.epochs, N_SOURCE // BATCH)
     state.phase_step = steps // 2  # past the ramps: full alignment strength and estimated weights
 
+    restore = _restorer(state)
+
     def run():
-        torch.manual_seed(1)  # the same dropout masks in every implementation's first step
+        restore()
         values = iwda._alignment_step(cfg, steps, state, ctx, ("model", "critic"))
         grads = [p.grad.clone() for name in ("model", "critic") for p in state.modules[name].parameters()]
         return (torch.tensor([values["loss"], values["w1"], values["gp"], values["iw_loss"]], dtype=torch.float64),
@@ -131,6 +134,22 @@ def _e5_layer() -> torch.nn.Module:
     return model
 
 
+def _restorer(state: State):
+    """A function that puts the state back where it is now (the engine's checkpoint payload:
+    modules, optimizers, schedulers, generators; and the streams' positions) and seeds dropout:
+    every timed call is the same first step, so a check against the reference never depends on
+    how often either ran before."""
+    saved = copy.deepcopy(state.payload(with_optimizers=True))
+    positions = {name: stream.position for name, stream in state.streams.items()}
+
+    def restore() -> None:
+        state.load_payload(saved, with_optimizers=True)
+        for name, stream in state.streams.items():
+            stream.position = positions[name]
+        torch.manual_seed(1)  # the same dropout masks in every implementation's step
+    return restore
+
+
 def wordot_step(backend: str, dtype: torch.dtype = torch.float32, scope: str = "batch"):
     """A zero-argument WordOT stage-1 step from one fixed initial state (restored at every call);
     returns the step's loss, divergence and regulariser and the top layer's gradients."""
@@ -154,18 +173,59 @@ def wordot_step(backend: str, dtype: torch.dtype = torch.float32, scope: str = "
     state.streams.update(ctx.streams)
     ctx.state = state
     params = list(top.parameters())
-    initial = [p.detach().clone() for p in params]
+    restore = _restorer(state)
 
     def run():
-        with torch.no_grad():
-            for p, p0 in zip(params, initial):
-                p.copy_(p0)
-        optimizer.state.clear()
-        for stream in state.streams.values():
-            stream.position = 0
-        torch.manual_seed(1)  # the same dropout masks in every implementation's step
+        restore()
         values = wordot._align_step(cfg, state, ctx)
         return (*(torch.tensor(values[k], dtype=torch.float64) for k in ("loss", "divergence", "reg")),
+                *(p.grad.clone() for p in params))
+    return run
+
+
+WCA_BATCH, WCA_LAYERS = 32, (9, 10, 11, 12)
+
+
+def wca_step(variant: str, backend: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A zero-argument WCA step (``wca.train_step``: 32 labelled sentences and 32 sentence pairs
+    through the trainable top layer in one forward, genre cross entropy on the mean-pooled states,
+    Eq. 3 on layers 9-12 (9-11 cached, 12 trained), one backward, one AdamW step) from one fixed
+    initial state, restored at every call; returns the loss, its two terms and the top layer's
+    gradients."""
+    cfg = dataclasses.replace(  # no validate(): its check() looks for the Bible corpus, unused here
+        wca.WCAConfig(), variant=variant, target_lang=["de"], batch_size=WCA_BATCH, pair_batch_size=WCA_BATCH,
+        trainable_layers=1, layers=list(WCA_LAYERS), ot_backend=backend, output_dir=tempfile.mkdtemp(), progress=False)
+    ctx = Context(cfg, Dist("cpu"), Path(cfg.output_dir))
+    g = torch.Generator().manual_seed(3)
+    tgt, src = _wordot_sentences(g)
+    as_dtype = lambda ts: TokenSentences(ts.words, [t.to(dtype) for t in ts.states], ts.spans)  # noqa: E731
+
+    def stack(ts):  # the cached layers 9-11: the input states moved a little per layer
+        fixed = {layer: TokenSentences(ts.words, [t + 0.3 * torch.randn(t.shape, generator=g) for t in ts.states],
+                                       ts.spans) for layer in WCA_LAYERS[:-1]}
+        return wca.Stack(as_dtype(ts), {layer: as_dtype(f) for layer, f in fixed.items()})
+    labels = torch.randint(0, 8, (WO_SENTENCES,), generator=g)
+    data = wca.Data(task=as_dtype(src), labels=labels, tag_names=[str(c) for c in range(8)],
+                    pairs={"de": wca.PairSet("de", stack(src), stack(tgt["de"]))}, evals={}, eval_pairs={},
+                    first_trained=WCA_LAYERS[-1])
+    top = EncoderTop(_e5_layer(), cfg.trainable_layers).to(dtype)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(WO_D, 8).to(dtype)
+    optimizer = torch.optim.AdamW([{"params": top.parameters(), "lr": cfg.lr},
+                                   {"params": head.parameters(), "lr": cfg.head_lr}])
+    ctx.stream("task", WO_SENTENCES, cfg.batch_size)
+    ctx.stream("pairs/de", WO_SENTENCES, cfg.pair_batch_size)
+    state = State(modules={"top": top, "head": head}, optimizers={"train": optimizer}, data=data,
+                  parallel={"top": ctx.wrap(top), "head": ctx.wrap(head)}, phase="train")
+    state.streams.update(ctx.streams)
+    ctx.state = state
+    params = list(top.parameters()) + list(head.parameters())
+    restore = _restorer(state)
+
+    def run():
+        restore()
+        values = wca.train_step(cfg, state, ctx)
+        return (*(torch.tensor(values.get(k, 0.0), dtype=torch.float64) for k in ("loss", "task", "align")),
                 *(p.grad.clone() for p in params))
     return run
 
@@ -193,4 +253,10 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             impls[f"xlt_fast {name}"] = wordot_step(name, scope=scope)
         out.append(Case("wordot step", f"{scope} B={WO_BATCH}x{len(WO_LANGS)},T<=50,d={WO_D}", "step", impls,
                         baseline="geomloss tensorized" if geomloss is not None else "reference"))
+    # the alignment's cost: the same step without it is the baseline (its ratio < 1 is the overhead)
+    impls = {"reference": wca_step("wca_hard", "reference", torch.float64), "task only": wca_step("task_only")}
+    for name in kernel_backends(device, "cpu"):
+        impls[f"xlt_fast {name}"] = wca_step("wca_hard", name)
+    out.append(Case("wca step", f"B={WCA_BATCH}+{WCA_BATCH} pairs,T<=50,d={WO_D},4 layers", "step", impls,
+                    baseline="task only"))
     return out
