@@ -426,6 +426,21 @@ def test_ner_test_tag_outside_the_training_tags_names_the_file_and_line(tmp_path
     assert not (Path(cfg.output_dir) / "results.json").exists()
 
 
+def test_every_iob2_tag_of_a_training_entity_type_is_a_label(tmp_path, tiny):
+    """English training names of one word only (B-NAME, no I-NAME): I-NAME in a test file is still a
+    tag of a known type, so it is a label (not an error), and the label set is O, B-NAME, I-NAME."""
+    files = _ner_files(tmp_path)
+    words = _ner_sentences("en", 40)
+    _write_conll(files["en"], words, [[t.replace("I-", "B-") for t in _rule_tags(w)] for w in words])
+    de = _ner_sentences("de", 12)
+    tags = [_rule_tags(w) for w in de]
+    tags[0][1:3] = ["B-NAME", "I-NAME"]
+    _write_conll(files["de"], de, tags)
+    state, _ = _built(_ner_cfg(tmp_path, tiny, "types", files))
+    assert state.data.tag_names == ["O", "B-NAME", "I-NAME"]
+    assert state.data.evals["de"][1][0][1:3] == ["B-NAME", "I-NAME"]
+
+
 def test_malformed_conll_names_the_file_and_line(tmp_path, tiny):
     files = _ner_files(tmp_path)
     words = _ner_sentences("fr", 12)

@@ -103,6 +103,12 @@ def _firsts(spans: Sequence[tuple[int, int]]) -> list[int]:
     return out
 
 
+def _content(word: str, function: set[str]) -> bool:
+    """A content word: two or more letters once normalised, and not a function word."""
+    w = normalise(word)
+    return len(w) > 1 and w not in function
+
+
 def _stack(states: dict[int, Any], layers: Sequence[int], idx) -> tuple[torch.Tensor, torch.Tensor, list]:
     per = [states[layer].batch(idx)[0] for layer in layers]
     spans = states[layers[0]].batch(idx)[2]
@@ -150,11 +156,10 @@ def _language(cfg, ctx, lang: str, ids: list[str], eps: float) -> dict[str, Any]
             owner, firsts = _owners(sspans[b]), _firsts(tspans[b])
             n, m = len(owner), sum(e - s for s, e in tspans[b])
             links = lexicon_links(tw[v], sw[v], lex)  # (target word, English word), one-to-one in the verse
-            content = [w for w, word in enumerate(sw[v]) if len(normalise(word)) > 1
-                       and normalise(word) not in function]
+            content = [w for w, word in enumerate(sw[v]) if _content(word, function)]
             for _, c in links:
                 out["gold"]["verse"].append(v)
-                out["gold"]["content"].append(normalise(sw[v][c]) not in function)
+                out["gold"]["content"].append(_content(sw[v][c], function))
             out["content_words"].extend([v] * len(content))
             for name, T_ in couplings.items():
                 P = T_[b, :n, :m]
@@ -194,6 +199,8 @@ def _p1(lang_result: dict, method: str, content_only: bool = False) -> float:
 def coupling_delta(lang_result: dict, method: str, other: str, what: str, n_boot: int, seed: int = 0) -> Interval:
     """``method - other`` on P@1 over all or content gold words (``what`` = all | content) or on the
     conflict rate (``conflict``), with a 95% paired verse-bootstrap interval."""
+    if what not in ("all", "content", "conflict"):
+        raise ValueError(f"coupling_delta: what must be 'all', 'content' or 'conflict', got {what!r}")
     if what == "conflict":
         verse = lang_result["content_words"]
         diff = np.subtract(lang_result[method]["unselected"], lang_result[other]["unselected"], dtype=float)

@@ -46,13 +46,19 @@ def token_states(cfg, ctx: Context, words: list[list[str]], layers: Sequence[int
     return {layer: TokenSentences(words, states[layer], spans) for layer in layers}
 
 
+@lru_cache(maxsize=64)
+def _pairs(lang: str, source: str, split: str):
+    """The verse pairs of a split, read once per process (read-only)."""
+    return load_parallel(lang, source, split)
+
+
 def shared_ids(source: str, langs: Sequence[str], split: str, n: int, seed: int) -> list[str]:
     """Verse ids with a translation in every language of ``langs`` (and ``source``), n of them drawn
     with ``seed`` (all if n = 0; nested: a smaller n keeps a prefix of the same draw): every language
     then pairs with the same source verses."""
     common = None
     for lang in langs:
-        ids = set(load_parallel(lang, source, split).ids)
+        ids = set(_pairs(lang, source, split).ids)
         common = ids if common is None else common & ids
     ids = sorted(common)
     if n and n < len(ids):
@@ -62,7 +68,7 @@ def shared_ids(source: str, langs: Sequence[str], split: str, n: int, seed: int)
 
 def verse_texts(source: str, lang: str, split: str, ids: list[str]) -> tuple[list[str], list[str]]:
     """``(lang texts, source texts)`` of the verses ``ids``."""
-    pairs = load_parallel(lang, source, split)
+    pairs = _pairs(lang, source, split)
     where = {v: i for i, v in enumerate(pairs.ids)}
     return [pairs.first[where[v]] for v in ids], [pairs.second[where[v]] for v in ids]
 

@@ -222,7 +222,8 @@ def _tag_ids(data: TokenDataset, names: list[str]) -> list[list[int]]:
     for s, tags in enumerate(data.tags):
         for w, tag in enumerate(tags):
             if tag not in index:
-                raise ValueError(f"{data.where(s, w)}: tag {tag!r} is not among the training tags {names}")
+                raise ValueError(f"{data.where(s, w)}: tag {tag!r} is not among the training tags {names} (its "
+                                 "entity type never occurs in ner_train)")
         out.append([index[t] for t in tags])
     return out
 
@@ -230,10 +231,12 @@ def _tag_ids(data: TokenDataset, names: list[str]) -> list[list[int]]:
 def _ner_data(cfg: WCAConfig, ctx: Context):
     train = _ner_set(cfg.ner_train, cfg.source_lang, "train", cfg.tag_scheme)
     n = min(cfg.n_task, len(train))
-    # "O" always has id 0: the tag of words that max_length cuts off
-    names = sorted({"O"} | {t for tags in train.tags[:n] for t in tags}, key=lambda t: (t != "O", t[2:], t))
-    if len(names) < 2:
+    # the IOB2 tags of every entity type in the training set (B- and I-, whichever it shows), and
+    # "O" as id 0: the tag of words that max_length cuts off
+    types = sorted({t[2:] for tags in train.tags[:n] for t in tags if t != "O"})
+    if not types:
         raise ValueError(f"ner_train: {cfg.ner_train} has no entity tag (only 'O'); nothing to learn")
+    names = ["O"] + [f"{prefix}-{kind}" for kind in types for prefix in ("B", "I")]
     task = _sentences(cfg, ctx, train.tokens[:n])
     labels = _tag_ids(TokenDataset(train.tokens[:n], train.tags[:n], train.path, (train.lines or [])[:n] or None),
                       names)
