@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_encoder import make_tiny_encoder
+from tiny_encoder import bible_texts, make_tiny_encoder
 
 from xlt_fast import metrics
 from xlt_fast.data.bible import load_parallel
@@ -36,13 +36,7 @@ VARIANTS = ["task_only", "nearest_token", "aligner", "wca_soft", "wca_hard"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    texts = []
-    for lang in LANGS:
-        for split in ("train_a", "test"):
-            pairs = load_parallel(lang, "en", split)
-            texts += [" ".join(w) for w in moses_words(pairs.first[:400], lang)]
-            texts += [" ".join(w) for w in moses_words(pairs.second[:400], "en")]
-    return str(make_tiny_encoder(tmp_path_factory.mktemp("tiny"), texts, layers=3, hidden=32))
+    return str(make_tiny_encoder(tmp_path_factory.mktemp("tiny"), bible_texts(LANGS), layers=3, hidden=32))
 
 
 @pytest.fixture(autouse=True)

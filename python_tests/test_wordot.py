@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_encoder import make_tiny_encoder
+from tiny_encoder import bible_texts, make_tiny_encoder
 from xlt_fast.data import read_bitext
 from xlt_fast.data.bible import load_parallel
 from xlt_fast.data.words import eflomal_links, lexicon_links, moses_words, normalise
@@ -23,12 +23,7 @@ LANGS = ["de", "fr", "es", "ko"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    texts = []
-    for lang in LANGS:
-        for split in ("train_a", "test"):
-            pairs = load_parallel(lang, "en", split)
-            texts += [" ".join(w) for w in moses_words(pairs.first[:400] + pairs.second[:400], lang)]
-    return str(make_tiny_encoder(tmp_path_factory.mktemp("tiny"), texts, layers=3, hidden=32))
+    return str(make_tiny_encoder(tmp_path_factory.mktemp("tiny"), bible_texts(LANGS), layers=3, hidden=32))
 
 
 @pytest.fixture(autouse=True)

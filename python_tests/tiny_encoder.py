@@ -32,3 +32,17 @@ def make_tiny_encoder(path: Path, texts: list[str], seed: int = 0, layers: int =
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def bible_texts(langs, splits=("train_a", "test"), n: int = 400, source: str = "en") -> list[str]:
+    """The Moses words (space-joined) of the first ``n`` verse pairs of each language with ``source``
+    in each split, both sides: a tiny encoder's vocabulary for tests on Bible verses."""
+    from xlt_fast.data.bible import load_parallel
+    from xlt_fast.data.words import moses_words
+
+    texts = []
+    for lang in langs:
+        for split in splits:
+            pairs = load_parallel(lang, source, split)
+            texts += [" ".join(w) for w in moses_words(pairs.first[:n], lang) + moses_words(pairs.second[:n], source)]
+    return texts
