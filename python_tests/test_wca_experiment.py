@@ -170,7 +170,7 @@ def _genre(gain=0.02, hard_nt=(0.010, 0.012, 0.011), al_to=(0.004, 0.003, 0.002)
         values = {"task_only": base, "wca_hard": hard, "nearest_token": hard - hard_nt[s], "wca_soft": hard - soft,
                   "aligner": base + al_to[s], "wca_hard_b0.1": base + 0.001}
         for arm, v in values.items():
-            out[f"{arm}-s{s}"] = SimpleNamespace(metrics=_metrics(v, "macro_f1", exp.LANGS))
+            out[f"{arm}-s{s}"] = SimpleNamespace(metrics=_metrics(v, "macro_f1", exp.TRANSFER))
         if ner is not None:
             out[f"ner/task_only-s{s}"] = SimpleNamespace(metrics=_metrics(0.5, "entity_f1", exp.NER_LANGS))
             out[f"ner/wca_hard-s{s}"] = SimpleNamespace(metrics=_metrics(0.5 + ner[s], "entity_f1", exp.NER_LANGS))
@@ -210,7 +210,7 @@ def test_e_a1_core_claim_each_verdict():
     assert _verdicts(ea0, _genre(hard_nt=(0.03, -0.02, 0.01)))[3] == "consistent"
     # the gain (0.008) does not exceed the task-only s.d. (0.01), however clear WCA-hard - NT
     small = _genre(gain=0.008, hard_nt=(0.004, 0.005, 0.006))
-    assert exp.paired(small, "wca_hard", "nearest_token", SETTINGS.seeds, exp.LANGS, "macro_f1").low > 0
+    assert exp.paired(small, "wca_hard", "nearest_token", SETTINGS.seeds, exp.TRANSFER, "macro_f1").low > 0
     assert _verdicts(ea0, small)[3] == "not reproduced"
     assert _verdicts(ea0, _genre(gain=0.012, hard_nt=(0.004, 0.005, 0.006)))[3] == "reproduced"
     # a clear gain, but WCA-hard below NT (or equal in the mean)
@@ -261,8 +261,8 @@ def test_wca_experiment_end_to_end(tmp_path, monkeypatch, one_thread):
     # the tiny encoder's vocabulary: the words of the verses the run reads (others map to [UNK])
     texts = []
     for split, n, seed in (("train_a", n_pairs, 0), ("test", n_eval, 1)):
-        ids = shared_ids("en", exp.LANGS, split, n, seed)
-        for lang in exp.LANGS:
+        ids = shared_ids("en", exp.TRANSFER, split, n, seed)
+        for lang in exp.TRANSFER:
             tgt, src = verse_texts("en", lang, split, ids)
             texts += [" ".join(w) for w in moses_words(tgt, lang) + moses_words(src, "en")]
     genre = load_genre_task("en", "train_b")
@@ -291,7 +291,7 @@ def test_wca_experiment_end_to_end(tmp_path, monkeypatch, one_thread):
     for row in details["coupling"]:
         assert all(0 <= row[f"{lang} P@1"] <= 1 for lang in exp.LANGS)
     for row in details["genre"]:
-        assert all(0 <= row[lang] <= 1 for lang in ("en", *exp.LANGS)) and row["held-out L_w"] > 0
+        assert all(0 <= row[lang] <= 1 for lang in ("en", *exp.TRANSFER)) and row["held-out L_w"] > 0
     assert details["settings"]["n_boot"] == 200 and details["settings"]["seeds"] == [0, 1]
     for name in ("wca.png", "wca_coupling.png"):
         assert (out / name).stat().st_size > 10_000
