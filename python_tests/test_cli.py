@@ -43,8 +43,8 @@ def test_train_bad_fields_exit_2_with_every_problem(capsys):
 def test_unknown_trainer_or_experiment(capsys):
     assert cli.main(["train", "nope"]) == 2
     assert "unknown trainer 'nope'; available: iwda" in capsys.readouterr().err
-    assert cli.main(["reproduce", "wca", "--output_dir", "/nonexistent"]) == 2
-    assert "unknown method(s) ['wca']" in capsys.readouterr().err
+    assert cli.main(["reproduce", "nope", "--output_dir", "/nonexistent"]) == 2
+    assert "unknown method(s) ['nope']; available: iwda, wordot, wca" in capsys.readouterr().err
 
 
 def test_reproduce_prints_claims_and_plots(tmp_path, capsys, monkeypatch):
