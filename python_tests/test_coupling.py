@@ -253,6 +253,28 @@ def test_sample_and_identity_flow():
     _close(flow.log_prob(x), want, 1e-6)
 
 
+@pytest.mark.parametrize("scale", ["exp", "tanh", "atan"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_identity_init_is_the_identity_and_trains(backend, scale):
+    """identity_init: a fresh flow maps x to x exactly with log|det| = 0 both ways (log p is the
+    base density); its output layers are the only ones with a first gradient, and one step of
+    maximum likelihood moves it off the identity."""
+    torch.manual_seed(0)
+    flow = RealNVP(7, n_couplings=3, hidden=16, scale=scale, backend=backend, identity_init=True)
+    x = torch.randn(12, 7) * 3
+    for y, logdet in (flow(x), flow.inverse(x)):
+        assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(12))
+    _close(flow.log_prob(x), torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(-1), 1e-6)
+    (-flow.log_prob(x).mean()).backward()
+    for c in flow.couplings:
+        assert c.net[4].weight.grad.abs().sum() > 0 and c.net[0].weight.grad.abs().sum() == 0
+    opt = torch.optim.SGD(flow.parameters(), lr=0.1)
+    opt.step()
+    assert not torch.allclose(flow(x)[0], x)
+    assert not torch.equal(RealNVP(7, n_couplings=1, hidden=16).couplings[0].net[4].weight,
+                           torch.zeros_like(flow.couplings[0].net[4].weight))  # the default init is not zero
+
+
 def test_bad_inputs():
     mask = _mask("half", 6)
     x, s, t = _inputs(4, 6, mask, torch.float32, "cpu")

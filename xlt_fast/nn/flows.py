@@ -91,10 +91,13 @@ class AffineCoupling(nn.Module):
         clamp: bound c of the soft-clamped scale maps (2.0).
         flip: swap the roles of the two feature sets (alternate it along a flow).
         backend: kernel for the epilogue: ``"auto" | "reference" | "cpu" | "cuda"``.
+        identity_init: zero the conditioner's output layer, so s = t = 0 and a fresh coupling is the
+            identity (every scale map sends 0 to 0); the start seed 002's Algorithm 1 needs. Its
+            first gradients reach that layer only (its input layers get none until it is nonzero).
     """
 
     def __init__(self, dim: int, hidden: int = 512, mask: str = "half", scale: str = "tanh", clamp: float = 2.0,
-                 flip: bool = False, backend: _backend.Backend = "auto") -> None:
+                 flip: bool = False, backend: _backend.Backend = "auto", identity_init: bool = False) -> None:
         super().__init__()
         op = "AffineCoupling"
         if not isinstance(dim, int) or dim < 2:
@@ -115,6 +118,9 @@ class AffineCoupling(nn.Module):
         self.d_m = d_m
         self.net = nn.Sequential(nn.Linear(d_id, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 2 * d_m))
+        if identity_init:
+            nn.init.zeros_(self.net[4].weight)
+            nn.init.zeros_(self.net[4].bias)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, mask={self.mask_kind!r}, scale={self.scale!r}, "
@@ -163,17 +169,19 @@ class RealNVP(nn.Module):
     Args:
         dim: number of features d (odd allowed; d >= 2).
         n_couplings: number of couplings (8 by default).
-        hidden, mask, scale, clamp, backend: as in :class:`AffineCoupling`.
+        hidden, mask, scale, clamp, backend, identity_init: as in :class:`AffineCoupling` (with
+            ``identity_init`` a fresh flow is the identity map, log|det| = 0).
     """
 
     def __init__(self, dim: int, n_couplings: int = 8, hidden: int = 512, mask: str = "half", scale: str = "tanh",
-                 clamp: float = 2.0, backend: _backend.Backend = "auto") -> None:
+                 clamp: float = 2.0, backend: _backend.Backend = "auto", identity_init: bool = False) -> None:
         super().__init__()
         if not isinstance(n_couplings, int) or n_couplings < 1:
             raise ValueError(f"RealNVP: n_couplings must be an int >= 1, got {n_couplings!r}")
         self.dim = dim
         self.couplings = nn.ModuleList(
-            AffineCoupling(dim, hidden, mask, scale, clamp, flip=k % 2 == 1, backend=backend)
+            AffineCoupling(dim, hidden, mask, scale, clamp, flip=k % 2 == 1, backend=backend,
+                           identity_init=identity_init)
             for k in range(n_couplings))
 
     def _run(self, x: Tensor, inverse: bool, name: str, op: str) -> tuple[Tensor, Tensor]:
