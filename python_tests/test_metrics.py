@@ -164,3 +164,21 @@ def test_prior_correction_percent():
     assert metrics.prior_correction(p_t, p_s, halfway) == pytest.approx(50)
     assert metrics.prior_correction(p_t, p_s, np.array([0.9, 0.05, 0.05])) < 0
     assert np.isnan(metrics.prior_correction(p_s, p_s, p_t))
+
+
+@pytest.mark.parametrize("method", ["cosine", "csls"])
+@pytest.mark.parametrize("budget", [1, 97, 1 << 24])
+def test_blockwise_topk_equals_the_dense_scores(method, budget):
+    """retrieval_topk in blocks (down to one query row, or one key row for CSLS's key means, at a
+    time) gives the dense matrix's top k, values and indices; precision@k reads it."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(53, 12, generator=g), torch.randn(41, 12, generator=g)
+    dense = metrics.retrieval_scores(x, y, method, csls_k=5).topk(3, dim=1)
+    values, indices = metrics.retrieval_topk(x, y, 3, method, csls_k=5, budget=budget)
+    torch.testing.assert_close(values, dense.values, rtol=0, atol=1e-12)
+    assert torch.equal(indices, dense.indices)
+    gold = torch.randint(0, 41, (53,), generator=g)
+    want = float((dense.indices == gold[:, None]).any(1).double().mean())
+    assert metrics.retrieval_precision_at_k(x, y, 3, method, csls_k=5, gold=gold) == want
+    with pytest.raises(ValueError, match="k=42 must be in 1..41"):
+        metrics.retrieval_topk(x, y, 42)

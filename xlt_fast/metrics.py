@@ -137,11 +137,8 @@ def prior_shift(source_labels: ArrayLike, target_labels: ArrayLike, num_classes:
     return total_variation(ps / ps.sum(), pt / pt.sum())
 
 
-def retrieval_scores(queries: ArrayLike, keys: ArrayLike, method: str = "cosine",
-                     csls_k: int = 10) -> torch.Tensor:
-    """``[Q, K]`` similarity of every query to every key: cosine, or CSLS
-    ``2 cos(x, y) - r_K(x) - r_Q(y)`` with ``r`` the mean cosine to the ``csls_k`` nearest
-    neighbours in the other set."""
+def _unit_pair(queries: ArrayLike, keys: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked float64 unit rows of both sets."""
     x = torch.as_tensor(_np(queries), dtype=torch.float64)
     y = torch.as_tensor(_np(keys), dtype=torch.float64)
     for name, t in (("queries", x), ("keys", y)):
@@ -152,8 +149,15 @@ def retrieval_scores(queries: ArrayLike, keys: ArrayLike, method: str = "cosine"
             raise ValueError(f"{name} rows {bad[:5].tolist()} contain NaN or inf")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"queries and keys must have the same d, got {x.shape[1]} and {y.shape[1]}")
-    x = torch.nn.functional.normalize(x, dim=1)
-    y = torch.nn.functional.normalize(y, dim=1)
+    return torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+
+
+def retrieval_scores(queries: ArrayLike, keys: ArrayLike, method: str = "cosine",
+                     csls_k: int = 10) -> torch.Tensor:
+    """``[Q, K]`` similarity of every query to every key: cosine, or CSLS
+    ``2 cos(x, y) - r_K(x) - r_Q(y)`` with ``r`` the mean cosine to the ``csls_k`` nearest
+    neighbours in the other set (the whole matrix: :func:`retrieval_topk` for large sets)."""
+    x, y = _unit_pair(queries, keys)
     cos = x @ y.T
     if method == "cosine":
         return cos
@@ -166,18 +170,52 @@ def retrieval_scores(queries: ArrayLike, keys: ArrayLike, method: str = "cosine"
     return 2 * cos - r_query[:, None] - r_key[None, :]
 
 
+def _mean_topk(a: torch.Tensor, b: torch.Tensor, k: int, budget: int) -> torch.Tensor:
+    """Per row of ``a``, the mean of its ``k`` largest cosines to the rows of ``b`` (unit rows;
+    blocks of at most ``budget`` similarities)."""
+    step = max(1, budget // len(b))
+    return torch.cat([(a[i:i + step] @ b.T).topk(k, dim=1).values.mean(1) for i in range(0, len(a), step)])
+
+
+def retrieval_topk(queries: ArrayLike, keys: ArrayLike, k: int = 1, method: str = "cosine", csls_k: int = 10,
+                   budget: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, indices)`` ``[Q, k]`` of each query's ``k`` best keys by :func:`retrieval_scores`'s
+    cosine or CSLS, computed in blocks of at most ``budget`` similarities (128 MB in float64), so
+    no ``[Q, K]`` matrix is ever held: memory O((Q + K) d + budget + Q k) for 30k x 30k pools."""
+    x, y = _unit_pair(queries, keys)
+    if method not in ("cosine", "csls"):
+        raise ValueError(f"unknown method {method!r}; expected 'cosine' or 'csls'")
+    if not 1 <= k <= len(y):
+        raise ValueError(f"k={k} must be in 1..{len(y)} (the number of keys)")
+    r_query = r_key = None
+    if method == "csls":
+        if not 1 <= csls_k <= min(len(x), len(y)):
+            raise ValueError(f"csls_k={csls_k} must be in 1..{min(len(x), len(y))}")
+        r_query, r_key = _mean_topk(x, y, csls_k, budget), _mean_topk(y, x, csls_k, budget)
+    scores, indices = [], []
+    step = max(1, budget // len(y))
+    for i in range(0, len(x), step):
+        block = x[i:i + step] @ y.T
+        if method == "csls":
+            block = 2 * block - r_query[i:i + step, None] - r_key[None, :]
+        top = block.topk(k, dim=1)
+        scores.append(top.values)
+        indices.append(top.indices)
+    return torch.cat(scores), torch.cat(indices)
+
+
 def retrieval_precision_at_k(queries: ArrayLike, keys: ArrayLike, k: int = 1,
                              method: str = "cosine", csls_k: int = 10,
                              gold: ArrayLike | None = None) -> float:
     """Fraction of queries whose gold key (default: the key of the same index) is among the
-    ``k`` highest-scoring keys."""
-    scores = retrieval_scores(queries, keys, method, csls_k)
-    gold_idx = torch.arange(scores.shape[0]) if gold is None else torch.as_tensor(_np(gold))
-    if gold_idx.shape != (scores.shape[0],) or not 1 <= k <= scores.shape[1]:
+    ``k`` highest-scoring keys (blockwise, :func:`retrieval_topk`)."""
+    n_q, n_k = len(_np(queries)), len(_np(keys))
+    gold_idx = torch.arange(n_q) if gold is None else torch.as_tensor(_np(gold))
+    if gold_idx.shape != (n_q,) or not 1 <= k <= n_k:
         raise ValueError("need one gold key index per query and 1 <= k <= number of keys")
-    if gold_idx.dtype.is_floating_point or ((gold_idx < 0) | (gold_idx >= scores.shape[1])).any():
-        raise ValueError(f"gold must hold integer key indices in [0, {scores.shape[1]})")
-    top = scores.topk(k, dim=1).indices
+    if gold_idx.dtype.is_floating_point or ((gold_idx < 0) | (gold_idx >= n_k)).any():
+        raise ValueError(f"gold must hold integer key indices in [0, {n_k})")
+    top = retrieval_topk(queries, keys, k, method, csls_k)[1]
     return float((top == gold_idx[:, None]).any(1).double().mean())
 
 
