@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from xlt_fast import metrics
 from xlt_fast.data import (GENRES, load_conll_ner, load_genre_task, load_wikiann, read_bitext, read_conll,
@@ -185,6 +186,7 @@ class Data:
     evals: dict[str, tuple[TokenSentences, Any]]  # per language (source included): sentences, labels
     eval_pairs: dict[str, PairSet]      # held-out verse pairs per target language
     first_trained: int                  # hidden-state index of the first trained layer's output (L - k + 1)
+    targets: list[torch.Tensor] | None = None  # ner: per sentence, each token's label (A1.3; -100 off first subwords)
 
 
 def _layer_split(cfg: WCAConfig) -> tuple[int, list[int]]:
@@ -251,6 +253,17 @@ def _ner_data(cfg: WCAConfig, ctx: Context):
     return task, labels, names, evals
 
 
+def _token_targets(sents: TokenSentences, labels: list[list[int]]) -> list[torch.Tensor]:
+    """Per sentence ``(T,)``: each kept word's label on its first subword (A1.3), -100 elsewhere;
+    built once, so a step only pads them."""
+    out = []
+    for states, spans, word_labels in zip(sents.states, sents.spans, labels):
+        target = torch.full((states.shape[0],), IGNORE_INDEX, dtype=torch.long)
+        target[[start for start, _ in spans]] = torch.tensor(word_labels[:len(spans)], dtype=torch.long)
+        out.append(target)
+    return out
+
+
 def _genre_data(cfg: WCAConfig, ctx: Context, eval_ids: list[str], eval_pairs: dict[str, PairSet]):
     """The English genre task; its evaluation reads the held-out pairs' sentences (and genres)."""
     train = load_genre_task(cfg.source_lang, "train_b")
@@ -301,7 +314,8 @@ def load_data(cfg: WCAConfig, ctx: Context) -> Data:
             task, labels, names, evals = _ner_data(cfg, ctx)
         else:
             task, labels, names, evals = _genre_data(cfg, ctx, eval_ids, eval_pairs)
-    return Data(task, labels, names, pairs, evals, eval_pairs, _layer_split(cfg)[0] + 1)
+    targets = _token_targets(task, labels) if cfg.task == "ner" else None
+    return Data(task, labels, names, pairs, evals, eval_pairs, _layer_split(cfg)[0] + 1, targets)
 
 
 def prepare(cfg: WCAConfig) -> None:
@@ -396,13 +410,11 @@ def alignment(cfg: WCAConfig, kind: str, src: tuple, tgt: tuple, links=None) -> 
     return ta.alignment_loss(T, costs)
 
 
-def _task_loss(cfg: WCAConfig, data: Data, head: nn.Module, hidden, mask, spans, idx) -> torch.Tensor:
+def _task_loss(cfg: WCAConfig, data: Data, head: nn.Module, hidden, mask, idx) -> torch.Tensor:
     if cfg.task == "genre":
         return F.cross_entropy(head(_mean_pool(hidden, mask)), data.labels[idx])
-    target = torch.full(hidden.shape[:2], IGNORE_INDEX, dtype=torch.long)
-    for b, (i, sent) in enumerate(zip(idx.tolist(), spans)):
-        for w, (start, _) in enumerate(sent):  # the first subword of each kept word (A1.3)
-            target[b, start] = data.labels[i][w]
+    target = pad_sequence([data.targets[i] for i in idx.tolist()], batch_first=True, padding_value=IGNORE_INDEX)
+    target = F.pad(target, (0, hidden.shape[1] - target.shape[1]), value=IGNORE_INDEX)  # the joint batch's width
     return F.cross_entropy(head(hidden).flatten(0, 1), target.to(hidden.device).flatten(),
                            ignore_index=IGNORE_INDEX)
 
@@ -423,7 +435,7 @@ def train_step(cfg: WCAConfig, state: State, ctx: Context) -> dict[str, float]:
         parts += [(ps.src.input, pidx), (ps.tgt.input, pidx)]
     x, mask, spans, rows = _joint(parts, ctx.device)
     outputs = state.parallel["top"](x, mask, every_layer=True)
-    task = _task_loss(cfg, data, state.parallel["head"], outputs[-1][rows[0]], mask[rows[0]], spans[rows[0]], idx)
+    task = _task_loss(cfg, data, state.parallel["head"], outputs[-1][rows[0]], mask[rows[0]], idx)
     if cfg.variant == "task_only":
         ctx.update(task, ["train"])
         return {"loss": task.item(), "task": task.item()}
