@@ -1,6 +1,8 @@
 """Load a multilingual encoder (the offline multilingual-e5-small, or any Hugging Face encoder)."""
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -47,6 +49,22 @@ class Encoder:
     @property
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
+
+    @contextlib.contextmanager
+    def up_to(self, layer: int):
+        """Inside the block the model runs only its first ``layer`` transformer layers (its hidden
+        states stop at index ``layer``): features of a lower layer without computing the ones above."""
+        from xlt_fast.models.classifier import transformer_layers
+
+        layers = transformer_layers(self.model)
+        if not 0 <= layer <= len(layers):
+            raise ValueError(f"layer {layer} outside 0..{len(layers)} (0 = embeddings) of encoder {self.name!r}")
+        above = list(layers)[layer:]
+        del layers[layer:]
+        try:
+            yield self
+        finally:
+            layers.extend(above)
 
     def tokenize(self, texts: Sequence[str], max_length: int = 128) -> dict[str, torch.Tensor]:
         """Padded, truncated ``input_ids`` and ``attention_mask`` on the model's device."""

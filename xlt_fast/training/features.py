@@ -195,7 +195,8 @@ class FeatureCache:
             batch = enc.tokenizer(firsts, seconds, is_split_into_words=True, padding=True, truncation=True,
                                   max_length=max_length, return_tensors="pt")
             batch = {k: batch[k].to(enc.device) for k in ("input_ids", "attention_mask")}
-            states = enc.model(**batch, output_hidden_states=True).hidden_states
+            with enc.up_to(max(layers)):
+                states = enc.model(**batch, output_hidden_states=True).hidden_states
             lengths = batch["attention_mask"].sum(1).tolist()
             for layer in layers:
                 for b, i in enumerate(idx):  # a copy: a view would keep (and save) the whole batch
@@ -223,7 +224,8 @@ class FeatureCache:
         bar = _bar(len(texts), f"encoding {len(texts)} texts ({encoder})", progress)
         for start in range(0, len(texts), batch_size):
             idx = order[start:start + batch_size]
-            states, mask = enc.hidden_states([prefix + texts[i] for i in idx], max_length)
+            with enc.up_to(max(layers)):
+                states, mask = enc.hidden_states([prefix + texts[i] for i in idx], max_length)
             for layer in layers:
                 out[layer][idx] = pool(states[layer], mask, pooling).float().cpu()
             bar(len(idx))
