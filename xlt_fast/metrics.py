@@ -137,10 +137,16 @@ def prior_shift(source_labels: ArrayLike, target_labels: ArrayLike, num_classes:
     return total_variation(ps / ps.sum(), pt / pt.sum())
 
 
-def _unit_pair(queries: ArrayLike, keys: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked float64 unit rows of both sets."""
-    x = torch.as_tensor(_np(queries), dtype=torch.float64)
-    y = torch.as_tensor(_np(keys), dtype=torch.float64)
+SIMILARITIES = ("cosine", "euclidean")
+
+
+def _checked_pair(queries: ArrayLike, keys: ArrayLike, similarity: str = "cosine",
+                  dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets as checked ``dtype`` rows (unit rows for cosine)."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    x = torch.as_tensor(_np(queries), dtype=dtype)
+    y = torch.as_tensor(_np(keys), dtype=dtype)
     for name, t in (("queries", x), ("keys", y)):
         if t.dim() != 2 or t.shape[0] == 0:
             raise ValueError(f"{name} must be a non-empty [N, d] array, got shape {tuple(t.shape)}")
@@ -149,7 +155,14 @@ def _unit_pair(queries: ArrayLike, keys: ArrayLike) -> tuple[torch.Tensor, torch
             raise ValueError(f"{name} rows {bad[:5].tolist()} contain NaN or inf")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"queries and keys must have the same d, got {x.shape[1]} and {y.shape[1]}")
+    if similarity == "euclidean":
+        return x, y
     return torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+
+
+def _similarity(a: torch.Tensor, b: torch.Tensor, similarity: str) -> torch.Tensor:
+    """``[A, B]`` cosines of unit rows, or negative Euclidean distances."""
+    return a @ b.T if similarity == "cosine" else -torch.cdist(a, b)
 
 
 def retrieval_scores(queries: ArrayLike, keys: ArrayLike, method: str = "cosine",
@@ -157,7 +170,7 @@ def retrieval_scores(queries: ArrayLike, keys: ArrayLike, method: str = "cosine"
     """``[Q, K]`` similarity of every query to every key: cosine, or CSLS
     ``2 cos(x, y) - r_K(x) - r_Q(y)`` with ``r`` the mean cosine to the ``csls_k`` nearest
     neighbours in the other set (the whole matrix: :func:`retrieval_topk` for large sets)."""
-    x, y = _unit_pair(queries, keys)
+    x, y = _checked_pair(queries, keys)
     cos = x @ y.T
     if method == "cosine":
         return cos
@@ -170,38 +183,97 @@ def retrieval_scores(queries: ArrayLike, keys: ArrayLike, method: str = "cosine"
     return 2 * cos - r_query[:, None] - r_key[None, :]
 
 
-def _mean_topk(a: torch.Tensor, b: torch.Tensor, k: int, budget: int) -> torch.Tensor:
-    """Per row of ``a``, the mean of its ``k`` largest cosines to the rows of ``b`` (unit rows;
-    blocks of at most ``budget`` similarities)."""
+def _mean_topk(a: torch.Tensor, b: torch.Tensor, k: int, budget: int, similarity: str) -> torch.Tensor:
+    """Per row of ``a``, the mean of its ``k`` largest similarities to the rows of ``b`` (blocks of
+    at most ``budget`` similarities)."""
     step = max(1, budget // len(b))
-    return torch.cat([(a[i:i + step] @ b.T).topk(k, dim=1).values.mean(1) for i in range(0, len(a), step)])
+    return torch.cat([_similarity(a[i:i + step], b, similarity).topk(k, dim=1).values.mean(1)
+                      for i in range(0, len(a), step)])
 
 
-def retrieval_topk(queries: ArrayLike, keys: ArrayLike, k: int = 1, method: str = "cosine", csls_k: int = 10,
-                   budget: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scores, indices)`` ``[Q, k]`` of each query's ``k`` best keys by :func:`retrieval_scores`'s
-    cosine or CSLS, computed in blocks of at most ``budget`` similarities (128 MB in float64), so
-    no ``[Q, K]`` matrix is ever held: memory O((Q + K) d + budget + Q k) for 30k x 30k pools."""
-    x, y = _unit_pair(queries, keys)
-    if method not in ("cosine", "csls"):
-        raise ValueError(f"unknown method {method!r}; expected 'cosine' or 'csls'")
-    if not 1 <= k <= len(y):
-        raise ValueError(f"k={k} must be in 1..{len(y)} (the number of keys)")
-    r_query = r_key = None
-    if method == "csls":
-        if not 1 <= csls_k <= min(len(x), len(y)):
-            raise ValueError(f"csls_k={csls_k} must be in 1..{min(len(x), len(y))}")
-        r_query, r_key = _mean_topk(x, y, csls_k, budget), _mean_topk(y, x, csls_k, budget)
+def _best_keys(x: torch.Tensor, y: torch.Tensor, k: int, similarity: str, budget: int,
+               r_x: torch.Tensor | None, r_y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` keys of every query, blockwise; CSLS when the neighbourhood means are given."""
     scores, indices = [], []
     step = max(1, budget // len(y))
     for i in range(0, len(x), step):
-        block = x[i:i + step] @ y.T
-        if method == "csls":
-            block = 2 * block - r_query[i:i + step, None] - r_key[None, :]
+        block = _similarity(x[i:i + step], y, similarity)
+        if r_x is not None:
+            block = 2 * block - r_x[i:i + step, None] - r_y[None, :]
         top = block.topk(k, dim=1)
         scores.append(top.values)
         indices.append(top.indices)
     return torch.cat(scores), torch.cat(indices)
+
+
+def _csls_k(csls_k: int, x: torch.Tensor, y: torch.Tensor) -> int:
+    if not 1 <= csls_k <= min(len(x), len(y)):
+        raise ValueError(f"csls_k={csls_k} must be in 1..{min(len(x), len(y))} (the smaller set's size)")
+    return csls_k
+
+
+def retrieval_topk(queries: ArrayLike, keys: ArrayLike, k: int = 1, method: str = "cosine", csls_k: int = 10,
+                   budget: int = 1 << 24, similarity: str = "cosine",
+                   dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, indices)`` ``[Q, k]`` of each query's ``k`` best keys by similarity (``cosine``,
+    or ``euclidean``: the negative distance) or by CSLS on it (``method="csls"``), computed in
+    blocks of at most ``budget`` similarities (128 MB in float64), so no ``[Q, K]`` matrix is ever
+    held: memory O((Q + K) d + budget + Q k) for 30k x 30k pools."""
+    x, y = _checked_pair(queries, keys, similarity, dtype)
+    if method not in ("cosine", "csls"):
+        raise ValueError(f"unknown method {method!r}; expected 'cosine' or 'csls'")
+    if not 1 <= k <= len(y):
+        raise ValueError(f"k={k} must be in 1..{len(y)} (the number of keys)")
+    r_x = r_y = None
+    if method == "csls":
+        c = _csls_k(csls_k, x, y)
+        r_x, r_y = _mean_topk(x, y, c, budget, similarity), _mean_topk(y, x, c, budget, similarity)
+    return _best_keys(x, y, k, similarity, budget, r_x, r_y)
+
+
+def mutual_csls_pairs(source: ArrayLike, target: ArrayLike, n: int, csls_k: int = 10, similarity: str = "cosine",
+                      budget: int = 1 << 24, dtype: torch.dtype = torch.float32
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``n`` most confident translation pairs induced by CSLS (Conneau et al. 2018; seed 002
+    Sec. 4.2): ``(source index, target index, CSLS score)`` of the mutual nearest neighbours
+    (i's best target is j and j's best source is i), the ``n`` highest scores first. Blockwise
+    (four passes over ``S x T`` similarities, none kept): memory O((S + T) d + budget)."""
+    x, y = _checked_pair(source, target, similarity, dtype)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    c = _csls_k(csls_k, x, y)
+    r_x, r_y = _mean_topk(x, y, c, budget, similarity), _mean_topk(y, x, c, budget, similarity)
+    score, fwd = (t[:, 0] for t in _best_keys(x, y, 1, similarity, budget, r_x, r_y))
+    back = _best_keys(y, x, 1, similarity, budget, r_y, r_x)[1][:, 0]
+    src = (back[fwd] == torch.arange(len(x))).nonzero().flatten()
+    order = score[src].argsort(descending=True)[:n]
+    src = src[order]
+    return src, fwd[src], score[src]
+
+
+def semantic_criterion(source: ArrayLike, target: ArrayLike, n: int = 30000, csls_k: int = 10,
+                       similarity: str = "cosine") -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+    """The unsupervised semantic criterion of Lample et al. (2018), as seed 002 uses it (Sec. 4.2):
+    the mean similarity (cosine, or negative distance) of the ``n`` most confident mutual-CSLS
+    translation pairs between the mapped source pool and the target pool; higher is better.
+    Returns it and the pairs ``(source indices, target indices)``."""
+    i, j, _ = mutual_csls_pairs(source, target, n, csls_k, similarity)
+    x, y = _checked_pair(source, target, similarity, torch.float32)
+    sim = (x[i] * y[j]).sum(1) if similarity == "cosine" else -(x[i] - y[j]).norm(dim=1)
+    return float(sim.double().mean()), (i, j)
+
+
+def structural_criterion(source: ArrayLike, target: ArrayLike) -> float:
+    """Singular-value gap of paired matrices (Dubossarsky et al. 2020; seed 002 Sec. 4.2):
+    ``sum_i (log s_i(X) - log s_i(Y))^2`` over the ordered singular values of the ``[n, d]``
+    source and target rows of induced pairs; lower is better (0 for isometric sets)."""
+    x, y = (torch.as_tensor(_np(a), dtype=torch.float64) for a in (source, target))
+    if x.shape != y.shape or x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"structural_criterion: need two [n, d] arrays of one shape with n >= 2, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    sx, sy = torch.linalg.svdvals(x), torch.linalg.svdvals(y)
+    tiny = 1e-12 * max(float(sx[0]), float(sy[0]), 1e-300)
+    return float((sx.clamp_min(tiny).log() - sy.clamp_min(tiny).log()).square().sum())
 
 
 def retrieval_precision_at_k(queries: ArrayLike, keys: ArrayLike, k: int = 1,
