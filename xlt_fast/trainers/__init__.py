@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TRAINERS = ("iwda", "wordot", "wca")
+TRAINERS = ("iwda", "wordot", "wca", "realnvp")
 
 
 def get(name: str) -> ModuleType:
