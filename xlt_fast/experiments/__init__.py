@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXPERIMENTS = ("iwda", "wordot", "wca")
+EXPERIMENTS = ("iwda", "wordot", "wca", "realnvp-sim", "realnvp")
 
 
 def get(name: str) -> ModuleType:
     """The experiment module ``xlt_fast.experiments.<name>``."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; available: {', '.join(EXPERIMENTS)}")
-    return importlib.import_module(f"xlt_fast.experiments.{name}")
+    return importlib.import_module(f"xlt_fast.experiments.{name.replace('-', '_')}")
