@@ -294,7 +294,8 @@ def _bible(cfg: RealNVPConfig, ctx: Context) -> AlignData:
     @torch.no_grad()
     def tasks(mapper: Mapper) -> dict[str, float]:
         mx, ty = mapper(cx), mapper.target(cy)
-        out = {"cbli_p1": _p_at_1(mx, ty, "cosine"), "cbli_csls_p1": _p_at_1(mx, ty, "cosine", "csls", cfg.csls_k)}
+        out = {"cbli_p1": _p_at_1(mx, ty, "cosine"),
+               "cbli_csls_p1": _p_at_1(mx, ty, "cosine", "csls", min(cfg.csls_k, len(mx)))}
         top = metrics.retrieval_topk(type_means(mx, x_of, len(x_types)), type_means(ty, y_of, len(y_types)), 1,
                                      dtype=torch.float32)[1][:, 0].tolist()
         scored = [t in g_ for t, g_ in zip(top, gold) if g_]
