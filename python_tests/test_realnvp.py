@@ -42,8 +42,10 @@ def module_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def own_cache(module_cache, monkeypatch):
-    """This file's own feature cache (shared by its tests: the tiny encoder's states are encoded once)."""
+    """This file's own feature cache (shared by its tests: the tiny encoder's states are encoded once);
+    the trainer's in-process Bible data is dropped, since tests patch what builds it."""
     monkeypatch.setenv("XLT_FAST_CACHE", str(module_cache))
+    rn._BIBLE.clear()
 
 
 def _sim_cfg(tmp_path, name, **kw):
@@ -380,3 +382,16 @@ def test_few_cbli_test_pairs_do_not_fail_mid_training(tmp_path, tiny, monkeypatc
         assert not (Path(cfg.output_dir) / "metrics.jsonl").exists()
     else:
         assert all(0 <= v <= 1 for v in result.metrics["test"].values() if not math.isnan(v))
+
+
+def test_runs_of_one_process_share_the_bible_data(tmp_path, tiny):
+    """Two methods on one language read the data once (an experiment worker's runs)."""
+    a = rn.train(_bible_cfg(tmp_path, tiny, "share-a", variant="original"))
+    data = next(iter(rn._BIBLE.values()))
+    b = rn.train(_bible_cfg(tmp_path, tiny, "share-b", variant="rotation"))
+    assert len(rn._BIBLE) == 1 and next(iter(rn._BIBLE.values())) is data
+    assert a.info["data"] == b.info["data"]
+    other = rn.train(_bible_cfg(tmp_path, tiny, "share-c", variant="original", data_seed=1))
+    assert len(rn._BIBLE) == 1 and next(iter(rn._BIBLE.values())) is not data
+    assert other.info["data"] != a.info["data"] or other.metrics != a.metrics
+

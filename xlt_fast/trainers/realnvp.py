@@ -319,8 +319,24 @@ def _bible(cfg: RealNVPConfig, ctx: Context) -> AlignData:
     return AlignData(x, y, x_pool, y_pool, "cosine", tasks, (dev_x, dev_y), info)
 
 
+# what the Bible data depends on; a process keeps its last data per key (an experiment's worker
+# trains many methods on one language: they share one read of the cache and one word-pair pass)
+_BIBLE_FIELDS = ("source_lang", "target_lang", "encoder", "layer", "max_length", "n_train", "n_dev", "n_test",
+                 "links", "pool", "n_cbli", "data_seed", "csls_k", "batch_size", "device")
+_BIBLE: dict[tuple, AlignData] = {}
+
+
+def _bible_shared(cfg: RealNVPConfig, ctx: Context) -> AlignData:
+    key = tuple(getattr(cfg, f) for f in _BIBLE_FIELDS)
+    if key not in _BIBLE:
+        _BIBLE.clear()
+        _BIBLE[key] = _bible(cfg, ctx)
+    return _BIBLE[key]
+
+
 def load_data(cfg: RealNVPConfig, ctx: Context) -> AlignData:
-    data = _simulation(cfg) if cfg.data == "simulation" else _bible(cfg, ctx)
+    """The run's data (read-only: several runs of one process may share the Bible data)."""
+    data = _simulation(cfg) if cfg.data == "simulation" else _bible_shared(cfg, ctx)
     for name in ("x", "y", "x_pool", "y_pool"):
         rows = getattr(data, name)
         if not torch.isfinite(rows).all():
@@ -495,13 +511,15 @@ def _gan_step(cfg: RealNVPConfig, state: State, ctx: Context) -> dict[str, float
     h_y, h_x = state.modules["critic_y"], state.modules["critic_x"]
     gp_weight = cfg.lambda_gp if cfg.lipschitz == "gp" else 0.0
     w1 = 0.0
-    for _ in range(cfg.n_critic):
-        x, y = _unpaired(state, ctx)
-        with torch.no_grad():
-            out = core.both(x, y)
+    # the flows are fixed during the critic steps: map all their batches in one pass
+    batches = [_unpaired(state, ctx) for _ in range(cfg.n_critic)]
+    with torch.no_grad():
+        mapped = core.both(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    for c, (x, y) in enumerate(batches):
+        rows = slice(c * len(x), (c + 1) * len(x))
         alpha = torch.rand(2, len(x), generator=state.generators["critic"]).to(x)
-        est_y, gp_y = h_y.critic_gp(y, out.y_hat, alpha=alpha[0])
-        est_x, gp_x = h_x.critic_gp(x, out.x_hat, alpha=alpha[1])
+        est_y, gp_y = h_y.critic_gp(y, mapped.y_hat[rows], alpha=alpha[0])
+        est_x, gp_x = h_x.critic_gp(x, mapped.x_hat[rows], alpha=alpha[1])
         loss_c = -(est_y + est_x) + gp_weight * (gp_y + gp_x)
         ctx.update(loss_c, ["critic"], {"w1": (est_y + est_x).item()})
         if cfg.lipschitz == "clip":
