@@ -395,3 +395,9 @@ def test_runs_of_one_process_share_the_bible_data(tmp_path, tiny):
     assert len(rn._BIBLE) == 1 and next(iter(rn._BIBLE.values())) is not data
     assert other.info["data"] != a.info["data"] or other.metrics != a.metrics
 
+
+def test_max_steps_caps_every_stage(tmp_path):
+    cfg = replace(_sim_cfg(tmp_path, "cap", variant="gan_real_nvp", refine="cross_correlation", rounds=2), max_steps=3)
+    result = rn.train(cfg)
+    assert result.steps == 9 and {row["stage"] for row in result.info["checks"]} == {"fit", "round1", "round2"}
+

@@ -651,10 +651,13 @@ def phases(cfg: RealNVPConfig, state: State) -> list[Phase]:
     bpe = len(state.data.x) // cfg.batch_size
     step = {"fcnn": _supervised_step, "real_nvp": _supervised_step, "gan_real_nvp": _gan_step,
             "muse": _muse_step}[cfg.variant]
-    steps = max(1, math.ceil(cfg.epochs * bpe))
+    def cap(n: int) -> int:
+        return min(n, cfg.max_steps) if cfg.max_steps else n
+
+    steps = cap(max(1, math.ceil(cfg.epochs * bpe)))
     out = [Phase("fit", steps, _with_checks(cfg, steps, bpe, step))]
     if cfg.refine != "none":
-        r_steps = max(1, math.ceil((cfg.round_epochs or cfg.epochs) * bpe))
+        r_steps = cap(max(1, math.ceil((cfg.round_epochs or cfg.epochs) * bpe)))
         enter = lambda s, c: _enter_round(cfg, s, c)  # noqa: E731
         for r in range(1, cfg.rounds + 1):
             if cfg.refine == "procrustes":
