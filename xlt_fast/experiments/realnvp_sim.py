@@ -10,10 +10,11 @@ similarity); the word-level P@1 is kept beside it. Selection: the semantic crite
 
 Deviations, stated: 4 couplings in 2-D; a fixed step budget (quick 300 steps, 2 rounds of 100;
 full 3,000 and 10 rounds of 1,000); quick mode uses conditioner and critic/discriminator width 64
-(A.1's 512 in the full mode), k in {10, 100} and 2 seeds, to fit 2 cores in about two minutes. The
+(A.1's 512 in the full mode), k in {10, 50, 100} and 2 seeds, to fit 2 cores in about three
+minutes. The
 flows train at lr 1e-3 (A.1's 1e-4 / 1e-6 are for 20 epochs of real data; at 1e-4 Real-NVP's
 training loss was still falling steeply after 400 steps); GAN-Real-NVP at A.1's 1e-6 is kept as
-one arm, which shows it barely leaves the identity (spec 5.1 allows the deviation). MUSE
+an arm of the full mode, which shows whether it leaves the identity (spec 5.1 allows the deviation). MUSE
 orthogonalises with beta 0.3: at its default 1e-3 the 2-D map drifted to |W W^T - I| ~ 0.5 (a test
 measured it), which is no longer the orthogonal map the method is.
 """
@@ -52,12 +53,13 @@ class Settings:
     hidden: int             # flow conditioner width
     dis_hidden: int         # MUSE discriminator and GAN critic width
     flow_lr: float = 1e-3   # Real-NVP and GAN-Real-NVP (A.1: 1e-4 / 1e-6, sized for 20 epochs of real data)
+    slow_arm: bool = True   # also GAN-Real-NVP at A.1's lr 1e-6 (t = 5, largest k)
     checks: int = 4
     workers: int = 2
 
 
-QUICK = Settings(ks=(10, 100), ts=(1, 5), eps=(0.0, 2.5, 5.0), seeds=(0, 1), steps=300, round_steps=100, rounds=2,
-                 hidden=64, dis_hidden=64, checks=2)
+QUICK = Settings(ks=(10, 50, 100), ts=(1, 5), eps=(0.0, 2.5, 5.0), seeds=(0, 1), steps=300, round_steps=100,
+                 rounds=2, hidden=64, dis_hidden=64, checks=2, slow_arm=False)
 FULL = Settings(ks=tuple(range(5, 101, 5)), ts=(1, 5), eps=tuple(round(0.2 * i, 1) for i in range(26)),
                 seeds=tuple(range(10)), steps=3000, round_steps=1000, rounds=10, hidden=512, dis_hidden=512)
 
@@ -82,9 +84,10 @@ def cells(s: Settings) -> list[Cell]:
             for seed in s.seeds:
                 for v in BASE:
                     out.append(Cell(f"t{t}/k{k}/{v}/s{seed}", config(s, v, t, k, seed)))
-                if t == 5 and k == k_max:
+                if t == 5 and k == k_max and s.slow_arm:
                     out.append(Cell(f"t{t}/k{k}/gan_real_nvp_lr1e-6/s{seed}",
                                     config(s, "gan_real_nvp", t, k, seed, lr=1e-6)))
+                if t == 5 and k == k_max:
                     for v in ("muse", "gan_real_nvp"):
                         for r in REFINED:
                             out.append(Cell(f"t{t}/k{k}/{v}+{r}/s{seed}", config(s, v, t, k, seed, refine=r)))
@@ -134,12 +137,15 @@ def claims(s: Settings, res: dict) -> list[Claim]:
                      "(Fig. 2d)",
                      f"eps = 0: Real-NVP - Rotation {_fmt(c2a)}, GAN - MUSE {_fmt(c2b)}; eps = {e_max:g}: Rotation - "
                      f"Real-NVP {_fmt(c2c)}", verdict2, rule + " (each of the three)"))
-    rho_k, rho_e = [], []
+    rho_k, rho_e = [], []  # a constant P@1 has no rank correlation: left out
     for v in ("real_nvp", "gan_real_nvp"):
         for seed in s.seeds:
-            rho_k.append(spearman(list(s.ks), [_p1(res, f"t5/k{k}/{v}/s{seed}", e0) for k in s.ks])[0])
-            rho_e.append(spearman(list(s.eps), [_p1(res, f"t5/k{k_max}/{v}/s{seed}", e) for e in s.eps])[0])
-    mk, me = float(np.nanmean(rho_k)), float(np.nanmean(rho_e))
+            by_k = [_p1(res, f"t5/k{k}/{v}/s{seed}", e0) for k in s.ks]
+            by_e = [_p1(res, f"t5/k{k_max}/{v}/s{seed}", e) for e in s.eps]
+            rho_k += [spearman(list(s.ks), by_k)[0]] if np.ptp(by_k) > 0 else []
+            rho_e += [spearman(list(s.eps), by_e)[0]] if np.ptp(by_e) > 0 else []
+    mk = float(np.mean(rho_k)) if rho_k else math.nan
+    me = float(np.mean(rho_e)) if rho_e else math.nan
     verdict3 = "reproduced" if abs(mk) < abs(me) and me < -0.5 else "not reproduced"
     out.append(Claim("3. performance correlates weakly with k and strongly (negatively) with eps",
                      "weak with word frequency, strong with domain similarity (Fig. 2a-b)",
@@ -186,8 +192,8 @@ def rows(s: Settings, res: dict) -> list[dict[str, Any]]:
 
 def boot_rows(s: Settings, res: dict) -> list[dict[str, Any]]:
     k, e0 = max(s.ks), min(s.eps)
-    names = ["rotation", "real_nvp", "muse", *[f"muse+{r}" for r in REFINED], "gan_real_nvp", "gan_real_nvp_lr1e-6",
-             *[f"gan_real_nvp+{r}" for r in REFINED]]
+    names = ["rotation", "real_nvp", "muse", *[f"muse+{r}" for r in REFINED], "gan_real_nvp",
+             *(["gan_real_nvp_lr1e-6"] if s.slow_arm else []), *[f"gan_real_nvp+{r}" for r in REFINED]]
     out = []
     for n in names:
         vals = [_p1(res, f"t5/k{k}/{n}/s{seed}", e0) for seed in s.seeds]
@@ -225,7 +231,8 @@ NOTES = """Our choices, stated (spec 6.13): for t > 1 the target is a swirl plus
 y = R(theta + (t - 1) pi/40 |x|) x + b (a learnable, non-isometric bijection; the paper does not say how
 t parametrises its 'translation with rotation'); eps is added to every coordinate; P@1 retrieves the gold
 target occurrence among all test targets by Euclidean distance (word P@1: any occurrence of the right word).
-The flows train at lr 1e-3 (A.1's 1e-6 leaves GAN-Real-NVP at the identity in this budget: see its arm);
+The flows train at lr 1e-3 (A.1's 1e-4 / 1e-6 are sized for 20 epochs of real data; the full mode
+adds a GAN-Real-NVP arm at 1e-6);
 no criterion selects the simulation's models (the model after the step budget is evaluated)."""
 
 
