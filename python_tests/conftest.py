@@ -38,3 +38,14 @@ def pytest_report_header(config):
     return (f"torch {torch.__version__}, GPU: {torch.cuda.get_device_name() if GPU else 'none'}, "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
             f"CUDA kernels: {_backend.has_cuda_kernels()}")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread inside the test: steps on 2-D or 32-d rows take milliseconds, and OpenMP
+    spin contention on a shared 2-core machine makes them several times slower with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

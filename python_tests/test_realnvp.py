@@ -25,14 +25,7 @@ TASKS = ("cbli_p1", "cbli_csls_p1", "lexicon_p1", "sentence_p1", "genre_accuracy
 SEED = 0  # cfg.seed and data_seed of every run here
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Steps on 2-D / 32-d rows take milliseconds: one intra-op thread avoids OpenMP spin
-    contention on a shared 2-core machine (several times faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 from tiny_encoder import bible_texts, make_tiny_encoder
 
 from xlt_fast.experiments import realnvp as real
@@ -17,12 +16,7 @@ TINY_SIM = sim.Settings(ks=(5, 10, 20), ts=(1, 5), eps=(0.0, 2.5, 5.0), seeds=(0
                         rounds=2, hidden=8, dis_hidden=8, checks=1, workers=1, slow_arm=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fake_sim(s: sim.Settings, p1) -> dict:

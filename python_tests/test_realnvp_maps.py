@@ -15,13 +15,7 @@ from xlt_fast.nn.embedding_maps import (FCNN, Discriminator, FlowPair, FlowPass,
                                         cross_correlation_loss, graph_structure_loss, matching_loss, procrustes)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _orthogonal(d, seed):

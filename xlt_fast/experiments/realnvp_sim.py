@@ -68,7 +68,8 @@ def config(s: Settings, variant: str, t: int, k: int, seed: int, **fields: Any) 
     n = k * 20
     base = dict(variant=variant, data="simulation", sim_k=k, sim_t=t, sim_eps=list(s.eps), data_seed=seed, seed=seed,
                 n_couplings=4, hidden=s.hidden, critic_hidden=s.dis_hidden, muse_dis_hidden=s.dis_hidden,
-                muse_beta=0.3, epochs=s.steps * 32 / n, round_epochs=s.round_steps * 32 / n, rounds=s.rounds, checks=s.checks,
+                muse_beta=0.3, epochs=s.steps * 32 / n, round_epochs=s.round_steps * 32 / n, rounds=s.rounds,
+                checks=s.checks,
                 criterion="none", criterion_pairs=n, progress=False, plots=False, log_every=50, keep_checkpoints=0)
     if variant in ("real_nvp", "gan_real_nvp"):
         base["lr"] = s.flow_lr
