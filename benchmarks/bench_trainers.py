@@ -28,6 +28,21 @@ reference materialises (N, M, d) differences: ~1 GB per pooled problem). Every c
 first step: parameters, Adam state and stream positions are restored (a few ms) and dropout seeded
 before it. The max error is that of the step's loss, divergence and regulariser and of the top
 layer's gradients. The full grid adds ``scope="pair"`` (one divergence per sentence pair).
+
+Real-NVP: one alignment step of seed 002 (Zhao & Eger): two 8-coupling Real-NVP flows (d = 384,
+conditioners Linear(192, 512) -> ReLU -> Linear(512, 512) -> ReLU -> Linear(512, 384), "half" masks
+alternating) sharing Z, ``loss = matching + 1e-4 * NLL`` on 32 or 256 aligned pairs (y a random rotation
+of x plus noise), one backward, one RMSprop step (lr 1e-4, torch's defaults otherwise). Ours is
+``xlt_fast.nn.FlowPair(..., scale="exp", identity_init=False)`` (random conditioners, so every layer
+gets a gradient) with ``FlowPair.both`` and ``matching_loss``; the peer is the same two flows in nflows
+(``bench_coupling.nflows_peer``: same weights, its scale hook set to exp, the only scale map nflows
+and ours share exactly), the same loss from ``Flow._transform`` forward and ``_transform.inverse`` and
+nflows' StandardNormal log-density, and the same RMSprop step. Before the case is returned the peer's
+loss terms and gradients are checked against ours (:func:`realnvp_agreement`: fp32 loss terms relative
+1e-4, the fp32 gradient vector 1e-3 in norm, every fp64 loss term and gradient element 1e-10).
+Each call restores the parameters (one copy, the same in both; the RMSprop state is left running:
+it changes no returned value), so every call is the same step; ``python -m benchmarks.bench_trainers``
+times the step alone, interleaved, with the restore outside the timed region (:func:`realnvp_timing`).
 """
 from __future__ import annotations
 
@@ -42,6 +57,8 @@ from xlt_fast.benchmarks.common import kernel_backends
 from xlt_fast.benchmarks.harness import Case
 from xlt_fast.data.core import ClassificationDataset
 from xlt_fast.models.tokens import EncoderTop, TokenSentences, frozen_copy
+from xlt_fast.nn import FlowPair, matching_loss
+from xlt_fast.nn.embedding_maps import FlowPass
 from xlt_fast.trainers import iwda, wca, wordot
 from xlt_fast.training import Context, Dist, State, replace
 
@@ -230,6 +247,156 @@ def wca_step(variant: str, backend: str = "cpu", dtype: torch.dtype = torch.floa
     return run
 
 
+RN_D, RN_K, RN_H, RN_LR, RN_NLL = 384, 8, 512, 1e-4, 1e-4
+RN_RTOL, RN_GRAD_RTOL, RN_FP64_RTOL = 1e-4, 1e-3, 1e-10  # peer vs ours: see realnvp_agreement
+
+
+def _realnvp_pair() -> FlowPair:
+    """The benchmark's flow pair (seed 0): exp scale map, random conditioners (no identity start)."""
+    torch.manual_seed(0)
+    return FlowPair(RN_D, n_couplings=RN_K, hidden=RN_H, scale="exp", identity_init=False)
+
+
+def _realnvp_batch(B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B`` aligned pairs: x ~ N(0, I), y = x Q + 0.1 noise with Q a random rotation."""
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(B, RN_D, generator=g)
+    q = torch.linalg.qr(torch.randn(RN_D, RN_D, generator=g, dtype=torch.float64))[0].float()
+    return x, x @ q + 0.1 * torch.randn(B, RN_D, generator=g)
+
+
+def _flow_step(params: list[torch.Tensor], loss_fn, grads_fn):
+    """A zero-argument step (restore the parameters, zero the gradients, ``loss_fn()``'s first term
+    backward, one RMSprop step); returns the loss terms and ``grads_fn()``. ``run.restore`` and
+    ``run.step`` are its two halves, for timing the step alone (``run.loss_fn``, ``run.optimizer``:
+    its parts, for profiling)."""
+    optimizer = torch.optim.RMSprop(params, lr=RN_LR)
+    saved = [p.detach().clone() for p in params]
+
+    def restore() -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)  # fresh .grad tensors: the returned ones stay valid
+        values = loss_fn()
+        values[0].backward()
+        optimizer.step()
+        return (*(v.detach() for v in values), *grads_fn())
+
+    def run():
+        restore()
+        return step()
+    run.restore, run.step, run.loss_fn, run.optimizer = restore, step, loss_fn, optimizer  # for timing its parts
+    return run
+
+
+def _pieces(w3: torch.Tensor, b3: torch.Tensor, m: int, shift_first: bool) -> list[torch.Tensor]:
+    """The output layer's gradient as views [log-scale rows, shift rows] of weight and bias
+    (ours are laid out [s_raw | t], nflows' [t | s_raw]): every implementation returns one order."""
+    if shift_first:
+        return [w3[m:], w3[:m], b3[m:], b3[:m]]
+    return [w3[:m], w3[m:], b3[:m], b3[m:]]
+
+
+def realnvp_step(pair: FlowPair, x: torch.Tensor, y: torch.Tensor, backend: str, dtype: torch.dtype = torch.float32):
+    """Our step on a copy of ``pair`` (couplings' backend ``backend``); returns (loss, matching, nll)
+    and every parameter's gradient (flow X then flow Y, per coupling W1, b1, W2, b2, then the output
+    layer's log-scale and shift rows of W3 and b3)."""
+    pair = copy.deepcopy(pair).to(dtype)
+    for flow in (pair.flow_x, pair.flow_y):
+        for c in flow.couplings:
+            c.backend = backend
+    x, y = x.to(dtype), y.to(dtype)
+
+    def loss():
+        out = pair.both(x, y)
+        match = matching_loss(out, x, y)
+        return match + RN_NLL * out.nll, match, out.nll
+
+    def grads():
+        out = []
+        for flow in (pair.flow_x, pair.flow_y):
+            for c in flow.couplings:
+                n = c.net
+                out += [n[0].weight.grad, n[0].bias.grad, n[2].weight.grad, n[2].bias.grad,
+                        *_pieces(n[4].weight.grad, n[4].bias.grad, c.d_m, False)]
+        return out
+    return _flow_step(list(pair.parameters()), loss, grads)
+
+
+def realnvp_nflows_step(pair: FlowPair, x: torch.Tensor, y: torch.Tensor):
+    """The same step with both flows in nflows (``bench_coupling.nflows_peer``: the same weights):
+    latents and log-dets from ``Flow._transform``, the maps through ``_transform.inverse``, the NLL
+    from nflows' base distribution; the same outputs in the same order as :func:`realnvp_step`."""
+    from xlt_fast.benchmarks.bench_coupling import nflows_peer
+
+    fx, fy = nflows_peer(pair.flow_x), nflows_peer(pair.flow_y)
+
+    def loss():
+        z_x, ld_x = fx._transform(x)
+        z_y, ld_y = fy._transform(y)
+        y_hat, _ = fy._transform.inverse(z_x)
+        x_hat, _ = fx._transform.inverse(z_y)
+        nll = -0.5 * ((fx._distribution.log_prob(z_x) + ld_x).mean() + (fy._distribution.log_prob(z_y) + ld_y).mean())
+        match = matching_loss(FlowPass(y_hat, x_hat, nll), x, y)
+        return match + RN_NLL * nll, match, nll
+
+    def grads():
+        out = []
+        for flow in (fx, fy):
+            for t in flow._transform._transforms:
+                n = t.transform_net.seq
+                out += [n[0].weight.grad, n[0].bias.grad, n[2].weight.grad, n[2].bias.grad,
+                        *_pieces(n[4].weight.grad, n[4].bias.grad, t.num_transform_features, True)]
+        return out
+    return _flow_step(list(fx.parameters()) + list(fy.parameters()), loss, grads)
+
+
+def realnvp_agreement(pair: FlowPair, x: torch.Tensor, y: torch.Tensor, backend: str) -> dict[str, float]:
+    """One step of nflows and of ours (``backend``) from the same weights and batch, checked twice;
+    raises unless both hold, so a timed comparison is always of the same computation.
+
+    fp32 (the timed precision): the loss terms within ``RN_RTOL`` (relative) and the whole gradient
+    (all parameters as one vector) within ``RN_GRAD_RTOL`` in norm. Not per element: a ReLU whose
+    pre-activation is within fp32 rounding of 0 (|a| ~ 4e-8 at B = 256) can fall on either side in
+    two correct fp32 runs and moves one sample's share (~1/B) of a few gradient rows.
+    fp64: every loss term and every gradient element within ``RN_FP64_RTOL`` of the tensor's max
+    (no such ties at this precision; this is the check that the two compute the same function)."""
+    def rel(u, v):
+        return float((u.double() - v.double()).abs().max() / v.double().abs().max().clamp_min(1e-300))
+
+    a, b = realnvp_nflows_step(pair, x, y)(), realnvp_step(pair, x, y, backend)()
+    ga, gb = (torch.cat([g.double().flatten() for g in o[3:]]) for o in (a, b))
+    errs = {"fp32_loss_terms_rel": max(rel(u, v) for u, v in zip(a[:3], b[:3])),
+            "fp32_grad_norm_rel": float((ga - gb).norm() / gb.norm()),
+            "fp32_grad_elem_rel_max": max(rel(u, v) for u, v in zip(a[3:], b[3:]))}  # reported, not judged
+    pair64, x64, y64 = copy.deepcopy(pair).double(), x.double(), y.double()
+    a, b = realnvp_nflows_step(pair64, x64, y64)(), realnvp_step(pair64, x64, y64, backend, torch.float64)()
+    errs["fp64_elem_rel_max"] = max(rel(u, v) for u, v in zip(a, b))
+    if (errs["fp32_loss_terms_rel"] > RN_RTOL or errs["fp32_grad_norm_rel"] > RN_GRAD_RTOL
+            or errs["fp64_elem_rel_max"] > RN_FP64_RTOL):
+        raise AssertionError(f"realnvp step: nflows and xlt_fast {backend} differ: {errs}")
+    return errs
+
+
+def realnvp_impls(device: torch.device, B: int) -> dict:
+    """The realnvp-step implementations at batch ``B``: the fp64 reference (our autograd path),
+    nflows (when installed; checked against ours first) and our kernel backends."""
+    pair, (x, y) = _realnvp_pair(), _realnvp_batch(B)
+    impls = {"reference": realnvp_step(pair, x, y, "reference", torch.float64)}
+    ours = {f"xlt_fast {name}": realnvp_step(pair, x, y, name) for name in kernel_backends(device, "cpu")}
+    try:
+        impls["nflows"] = realnvp_nflows_step(pair, x, y)
+    except ImportError:  # pragma: no cover - optional peer
+        pass
+    else:
+        for name in kernel_backends(device, "cpu"):
+            realnvp_agreement(pair, x, y, name)
+    impls.update(ours)
+    return impls
+
+
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type != "cpu":
         return []  # the trainers' experiments run their frozen-feature grids on the CPU
@@ -259,4 +426,135 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         impls[f"xlt_fast {name}"] = wca_step("wca_hard", name)
     out.append(Case("wca step", f"B={WCA_BATCH}+{WCA_BATCH} pairs,T<=50,d={WO_D},4 layers", "step", impls,
                     baseline="task only"))
+    for B in (32,) if quick else (32, 256):
+        impls = realnvp_impls(device, B)
+        out.append(Case("realnvp step", f"B={B},d={RN_D},K={RN_K}x2,H={RN_H}", "step", impls,
+                        baseline="nflows" if "nflows" in impls else "reference"))
     return out
+
+
+def _cpu_busy_s() -> float:
+    """Busy time of all CPUs since boot, in seconds (/proc/stat: user + nice + system + irq + softirq
+    + steal), to tell how much of a timed interval other processes ran."""
+    import os
+
+    with open("/proc/stat") as f:
+        v = [int(t) for t in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def realnvp_timing(batches: list[int], reps: int, out: str | None = None, threads: int | None = None,
+                   max_wait: float = 0.0) -> dict:
+    """The realnvp step of ours and nflows timed side by side in one run: per rep each implementation
+    restores its parameters (not timed) and runs one step (forward, backward, RMSprop; wall time,
+    torch's default threads unless ``threads``), in turn, so that both see the same machine; each
+    step's process CPU time is kept too. Another job on a 2-core machine distorts two-thread wall
+    times badly, so every rep also records the CPU time other processes used during it (/proc/stat
+    minus ours): a rep is "quiet" when that is under 10 % of its wall time. The two implementations
+    take turns going first. With ``max_wait > 0`` reps continue (after a rep that was not quiet,
+    waiting for a quiet machine and one untimed step each) until ``reps`` quiet ones or ``max_wait`` s;
+    the statistics are over the quiet reps when there are any (both implementations' steps of a rep
+    are kept or dropped together), else over all. Prints and returns (and writes to ``out`` as JSON)
+    each one's min and median and the ratios nflows / ours (of the mins, of the medians, and the
+    median over reps of the ratio of the two steps of a rep)."""
+    import datetime
+    import importlib.metadata
+    import json
+    import os
+    import statistics
+    import time
+
+    from xlt_fast.benchmarks.harness import _cpu_model
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def wait_quiet(deadline: float) -> None:  # until others use < 10 % of the CPUs over 0.5 s
+        while time.monotonic() < deadline:
+            b0 = _cpu_busy_s()
+            time.sleep(0.5)
+            if _cpu_busy_s() - b0 < 0.05:
+                return
+
+    result = {"case": "realnvp step", "what": "two 8-coupling Real-NVP flows (d=384, conditioner width 512, "
+                                              "scale exp, half masks), loss = matching + 1e-4 * NLL, forward + "
+                                              "backward + RMSprop(lr=1e-4); parameters restored before each step "
+                                              "(outside the timed region)",
+              "environment": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                              "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+                              "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                              "nflows": importlib.metadata.version("nflows")},
+              "reps": reps, "max_wait_s": max_wait, "batches": {}}
+    for B in batches:
+        pair, (x, y) = _realnvp_pair(), _realnvp_batch(B)
+        names = [f"xlt_fast {n}" for n in kernel_backends(torch.device("cpu"), "cpu")]
+        impls = {"nflows": realnvp_nflows_step(pair, x, y), **{n: realnvp_step(pair, x, y, n[len("xlt_fast "):])
+                                                               for n in names}}
+        check = {n: realnvp_agreement(pair, x, y, n[len("xlt_fast "):]) for n in names}
+        for fn in impls.values():  # warm-up (allocations, the optimizer's state)
+            for _ in range(2):
+                fn()
+        log = []  # per rep: {impl: (wall ms, cpu ms)}, others' CPU ms, quiet
+        deadline = time.monotonic() + max_wait
+        while len(log) < reps or (max_wait > 0 and sum(r["quiet"] for r in log) < reps
+                                  and time.monotonic() < deadline):
+            if max_wait > 0 and log and not log[-1]["quiet"]:
+                wait_quiet(deadline)
+                for fn in impls.values():  # after the sleep: one untimed step each, so no rep starts cold
+                    fn()
+            rep, b0, p0 = {}, _cpu_busy_s(), time.process_time()
+            order = list(impls.items())
+            for n, fn in order if len(log) % 2 == 0 else order[::-1]:  # alternate who goes first
+                fn.restore()
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn.step()
+                rep[n] = ((time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3)
+            others = (_cpu_busy_s() - b0 - (time.process_time() - p0)) * 1e3  # all CPUs' busy time but ours
+            wall = sum(w for w, _ in rep.values())
+            log.append({"ms": rep, "others_cpu_ms": round(others, 1), "quiet": others < 0.1 * wall})
+        kept = [r for r in log if r["quiet"]] or log
+        row = {"agreement": check, "reps_run": len(log), "reps_quiet": sum(r["quiet"] for r in log),
+               "stats_over": "quiet reps" if kept is not log else "all reps (none quiet)"}
+        for n in impls:
+            ts, cs = [r["ms"][n][0] for r in kept], [r["ms"][n][1] for r in kept]
+            row[n] = {"min_ms": min(ts), "median_ms": statistics.median(ts), "cpu_min_ms": min(cs),
+                      "cpu_median_ms": statistics.median(cs),
+                      "all_reps_min_ms": min(r["ms"][n][0] for r in log),
+                      "all_reps_median_ms": statistics.median(r["ms"][n][0] for r in log)}
+        for n in names:
+            row[f"ratio nflows/{n}"] = {k: row["nflows"][f"{k}_ms"] / row[n][f"{k}_ms"]
+                                        for k in ("min", "median", "cpu_min", "cpu_median", "all_reps_min",
+                                                  "all_reps_median")}
+            # the two steps of one rep ran back to back: the median of their ratio is the paired statistic
+            row[f"ratio nflows/{n}"]["paired_median"] = statistics.median(
+                r["ms"]["nflows"][0] / r["ms"][n][0] for r in kept)
+        row["reps"] = [{"wall_ms": {n: round(w, 3) for n, (w, _) in r["ms"].items()},
+                        "cpu_ms": {n: round(c, 3) for n, (_, c) in r["ms"].items()},
+                        "others_cpu_ms": r["others_cpu_ms"], "quiet": r["quiet"]} for r in log]
+        result["batches"][str(B)] = row
+        print(f"B={B} ({row['stats_over']}: {len(kept)} of {len(log)}): " + ", ".join(
+            f"{n} min {row[n]['min_ms']:.1f} ms / median {row[n]['median_ms']:.1f} ms" for n in impls)
+            + " | " + ", ".join(
+            f"nflows/{n} {r['min']:.2f}x (min) {r['median']:.2f}x (median) {r['paired_median']:.2f}x (paired "
+            f"median), CPU time {r['cpu_min']:.2f}x (min)"
+            for n in names for r in [row[f"ratio nflows/{n}"]]), flush=True)
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=realnvp_timing.__doc__)
+    parser.add_argument("--batches", default="32,256", help="comma-separated B")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--out", default=None, help="JSON path for the raw numbers")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--max-wait", type=float, default=0.0,
+                        help="seconds to keep going (waiting for a quiet machine) until --reps quiet reps")
+    args = parser.parse_args()
+    realnvp_timing([int(b) for b in args.batches.split(",")], args.reps, args.out, args.threads, args.max_wait)
