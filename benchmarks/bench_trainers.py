@@ -86,12 +86,11 @@ def iwda_step(critic_hidden: int, backend: str, dtype: torch.dtype = torch.float
     ctx = Context(cfg, Dist("cpu"), Path(cfg.output_dir))
     torch.manual_seed(0)
     state = iwda.build_state(cfg, ctx, _data(torch.float64))
-    state.streams.update(ctx.streams)
     for module in state.modules.values():
         if module is not state.modules["iw"]:
             module.to(dtype)
     state.data = _data(dtype)
-    ctx.state = state
+    ctx.attach(state)
     steps = iwda._steps(cfg, cfg.epochs, N_SOURCE // BATCH)
     state.phase_step = steps // 2  # past the ramps: full alignment strength and estimated weights
 
@@ -187,8 +186,7 @@ def wordot_step(backend: str, dtype: torch.dtype = torch.float32, scope: str = "
                        task_labels=torch.zeros(WO_SENTENCES, dtype=torch.long), lexicons={})
     state = State(modules={"top": top}, optimizers={"align": optimizer}, data=data,
                   parallel={"top": ctx.wrap(top)}, phase="align")
-    state.streams.update(ctx.streams)
-    ctx.state = state
+    ctx.attach(state)
     params = list(top.parameters())
     restore = _restorer(state)
 
@@ -234,8 +232,7 @@ def wca_step(variant: str, backend: str = "cpu", dtype: torch.dtype = torch.floa
     ctx.stream("pairs/de", WO_SENTENCES, cfg.pair_batch_size)
     state = State(modules={"top": top, "head": head}, optimizers={"train": optimizer}, data=data,
                   parallel={"top": ctx.wrap(top), "head": ctx.wrap(head)}, phase="train")
-    state.streams.update(ctx.streams)
-    ctx.state = state
+    ctx.attach(state)
     params = list(top.parameters()) + list(head.parameters())
     restore = _restorer(state)
 

@@ -62,10 +62,7 @@ def _modules(cfg):
 
 def _built(cfg):
     ctx = Context(cfg, Dist(cfg.device), Path(cfg.output_dir))
-    state = rn.build(cfg, ctx)
-    state.streams.update(ctx.streams)
-    ctx.state = state
-    return state, ctx
+    return ctx.attach(rn.build(cfg, ctx)), ctx
 
 
 @pytest.fixture(scope="module")

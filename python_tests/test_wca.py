@@ -59,10 +59,7 @@ def _rows(cfg, split="train"):
 def _built(cfg):
     """``(state, ctx)`` of a config, as the engine builds it (no training)."""
     ctx = Context(cfg, Dist(cfg.device), Path(cfg.output_dir))
-    state = wca.build(cfg, ctx)
-    state.streams.update(ctx.streams)
-    ctx.state = state
-    return state, ctx
+    return ctx.attach(wca.build(cfg, ctx)), ctx
 
 
 def _full_hidden(tiny, words, max_length):

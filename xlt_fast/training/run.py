@@ -173,6 +173,12 @@ class Context:
         self.state: State | None = None
         self.streams: dict[str, Stream] = {}
 
+    def attach(self, state: "State") -> "State":
+        """Make ``state`` this context's state, with the streams :meth:`stream` made while building it."""
+        state.streams.update(self.streams)
+        self.state = state
+        return state
+
     def stream(self, name: str, size: int, batch_size: int) -> Stream:
         """A seeded data stream; the engine saves its position in checkpoints."""
         s = Stream(name, size, batch_size, self.cfg.seed, self.dist.rank, self.dist.world_size)
@@ -353,9 +359,7 @@ def _train(trainer: Trainer, cfg: TrainerConfig, dist: Dist, run_dir: Path, resu
                                                     "versions": versions()})
     ctx = Context(cfg, dist, run_dir)
     torch.manual_seed(derive_seed(cfg.seed, "build"))
-    state = trainer.build(cfg, ctx)
-    state.streams.update(ctx.streams)
-    ctx.state = state
+    state = ctx.attach(trainer.build(cfg, ctx))
     phases = trainer.phases(cfg, state)
     log = _Log(run_dir / "metrics.jsonl", dist.is_main, t0)
     ckpt_root = run_dir / "checkpoints"
