@@ -231,6 +231,20 @@ def retrieval_topk(queries: ArrayLike, keys: ArrayLike, k: int = 1, method: str 
     return _best_keys(x, y, k, similarity, budget, r_x, r_y)
 
 
+def _mutual_pairs(x: torch.Tensor, y: torch.Tensor, n: int, csls_k: int, similarity: str,
+                  budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`mutual_csls_pairs` on rows already checked (and unit for cosine)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    c = _csls_k(csls_k, x, y)
+    r_x, r_y = _mean_topk(x, y, c, budget, similarity), _mean_topk(y, x, c, budget, similarity)
+    score, fwd = (t[:, 0] for t in _best_keys(x, y, 1, similarity, budget, r_x, r_y))
+    back = _best_keys(y, x, 1, similarity, budget, r_y, r_x)[1][:, 0]
+    src = (back[fwd] == torch.arange(len(x))).nonzero().flatten()
+    src = src[score[src].argsort(descending=True)[:n]]
+    return src, fwd[src], score[src]
+
+
 def mutual_csls_pairs(source: ArrayLike, target: ArrayLike, n: int, csls_k: int = 10, similarity: str = "cosine",
                       budget: int = 1 << 24, dtype: torch.dtype = torch.float32
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -239,16 +253,7 @@ def mutual_csls_pairs(source: ArrayLike, target: ArrayLike, n: int, csls_k: int 
     (i's best target is j and j's best source is i), the ``n`` highest scores first. Blockwise
     (four passes over ``S x T`` similarities, none kept): memory O((S + T) d + budget)."""
     x, y = _checked_pair(source, target, similarity, dtype)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    c = _csls_k(csls_k, x, y)
-    r_x, r_y = _mean_topk(x, y, c, budget, similarity), _mean_topk(y, x, c, budget, similarity)
-    score, fwd = (t[:, 0] for t in _best_keys(x, y, 1, similarity, budget, r_x, r_y))
-    back = _best_keys(y, x, 1, similarity, budget, r_y, r_x)[1][:, 0]
-    src = (back[fwd] == torch.arange(len(x))).nonzero().flatten()
-    order = score[src].argsort(descending=True)[:n]
-    src = src[order]
-    return src, fwd[src], score[src]
+    return _mutual_pairs(x, y, n, csls_k, similarity, budget)
 
 
 def semantic_criterion(source: ArrayLike, target: ArrayLike, n: int = 30000, csls_k: int = 10,
@@ -257,8 +262,8 @@ def semantic_criterion(source: ArrayLike, target: ArrayLike, n: int = 30000, csl
     the mean similarity (cosine, or negative distance) of the ``n`` most confident mutual-CSLS
     translation pairs between the mapped source pool and the target pool; higher is better.
     Returns it and the pairs ``(source indices, target indices)``."""
-    i, j, _ = mutual_csls_pairs(source, target, n, csls_k, similarity)
     x, y = _checked_pair(source, target, similarity, torch.float32)
+    i, j, _ = _mutual_pairs(x, y, n, csls_k, similarity, 1 << 24)
     sim = (x[i] * y[j]).sum(1) if similarity == "cosine" else -(x[i] - y[j]).norm(dim=1)
     return float(sim.double().mean()), (i, j)
 

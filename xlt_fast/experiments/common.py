@@ -65,6 +65,15 @@ def sign_verdict(ci: Interval, direction: int) -> Verdict:
     return "reproduced" if direction * bound > 0 else "consistent"
 
 
+def all_of(verdicts: Iterable[Verdict]) -> Verdict:
+    """The verdict of a claim made of parts: reproduced if every part is, not reproduced if any
+    part is not, consistent otherwise."""
+    verdicts = list(verdicts)
+    if all(v == "reproduced" for v in verdicts):
+        return "reproduced"
+    return "not reproduced" if "not reproduced" in verdicts else "consistent"
+
+
 def verse_bootstrap(verse: Sequence[int], diff: Sequence[float], n_boot: int, seed: int = 0) -> np.ndarray:
     """``n_boot`` bootstrap means of ``diff`` (one value per linked word), resampling verses: a
     cluster bootstrap, since the words of a verse are not independent."""

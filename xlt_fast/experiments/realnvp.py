@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from xlt_fast.experiments.common import (Cell, Claim, markdown, mean_ci, run_cells, sign_verdict, sizes,
+from xlt_fast.experiments.common import (Cell, Claim, all_of, markdown, mean_ci, run_cells, sign_verdict, sizes,
                                          write_claims)
 from xlt_fast.trainers import realnvp as trainer
 from xlt_fast.training.plots import finish, grid as subplots
@@ -113,12 +113,6 @@ def _fmt(ci) -> str:
     return f"{ci.mean:+.2f}{spread}"
 
 
-def _combine(verdicts: list[str]) -> str:
-    if all(v == "reproduced" for v in verdicts):
-        return "reproduced"
-    return "not reproduced" if "not reproduced" in verdicts else "consistent"
-
-
 def correlations(res: dict, s: Settings) -> dict[str, float]:
     """Mean Pearson correlation, over the trained runs, between a criterion and the mean external
     task across the run's checks (Fig. 4 bottom / Table 2)."""
@@ -144,7 +138,7 @@ def claims(s: Settings, res: dict) -> list[Claim]:
     out.append(Claim("1. Real-NVP (semantic) > Original on CBLI and sentence retrieval",
                      "Table 1: CBLI 57.62 vs 50.9 (m-BERT), 61.63 vs 48.58 (XLM-R); Tatoeba 62.87 vs 49.35, 80.08 vs "
                      "63.40", f"CBLI {_fmt(a)}, sentence {_fmt(b)} P@1 points",
-                     _combine([sign_verdict(a, +1), sign_verdict(b, +1)]), rule))
+                     all_of([sign_verdict(a, +1), sign_verdict(b, +1)]), rule))
     c = _diff(res, s, "real_nvp", "rotation", "sentence_p1")
     out.append(Claim("2. Real-NVP >= Rotation on sentence retrieval", "Tatoeba 62.87 vs 55.28 (m-BERT), 80.08 vs "
                      "68.60 (XLM-R)", f"{_fmt(c)} points", sign_verdict(c, +1), rule))
@@ -169,7 +163,7 @@ def claims(s: Settings, res: dict) -> list[Claim]:
     v5 = [sign_verdict(cc, +1) if cc.mean != 0 else "consistent", sign_verdict(pm, +1), sign_verdict(pg, -1)]
     out.append(Claim("5. +CC >= GAN-Real-NVP alone; +Procrustes helps MUSE but not GAN-Real-NVP (sentence P@1)",
                      "Table 1: GNVP+CC 62.32 vs 61.20; MUSE+P 54.13 vs 51.42; GNVP+P 53.95 vs 61.20 (m-BERT Tatoeba)",
-                     f"CC gain {_fmt(cc)}; MUSE+P {_fmt(pm)}; GNVP+P {_fmt(pg)} points", _combine(v5), rule))
+                     f"CC gain {_fmt(cc)}; MUSE+P {_fmt(pm)}; GNVP+P {_fmt(pg)} points", all_of(v5), rule))
     corr = correlations(res, s)
     out.append(Claim("6. the semantic criterion correlates better with the external tasks than CBLI validation",
                      "Pearson 0.86 (semantic) vs -0.12 (CBLI); structural 0.44 (Fig. 4)",

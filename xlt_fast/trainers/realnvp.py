@@ -57,6 +57,7 @@ from xlt_fast import metrics
 from xlt_fast.data import GENRES
 from xlt_fast.data.bible import genre_of_book
 from xlt_fast.data.cbli_simulation import simulate
+from xlt_fast.data.tokenization import pool_subwords
 from xlt_fast.data.words import lexicon_links, moses_words, normalise
 from xlt_fast.nn import (FCNN, Discriminator, FlowPair, LinearMap, Standardize, WassersteinCritic,
                          cross_correlation_loss, graph_structure_loss, matching_loss, procrustes)
@@ -224,20 +225,20 @@ class Verses:
                                                                             in where]
 
 
-def _word_vectors(cfg: RealNVPConfig, ctx: Context, words: list[list[str]]) -> list[Tensor]:
+def _word_vectors(cfg: RealNVPConfig, ctx: Context, words: list[list[str]], batch: int = 256) -> list[Tensor]:
     """Each verse's word vectors: the mean of each word's subword states at ``cfg.layer``."""
     sents = token_states(cfg, ctx, words, (cfg.layer,))[cfg.layer]
     out = []
-    for i, (states, spans) in enumerate(zip(sents.states, sents.spans)):
-        if not spans:
-            raise ValueError(f"verse {i} ({' '.join(words[i])[:60]!r}) has no word within max_length tokens")
-        owner = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor([e - s for s, e in spans]))
-        tokens = torch.cat([torch.arange(s, e) for s, e in spans])
-        sums = states.new_zeros(len(spans), states.shape[1]).index_add_(0, owner, states[tokens])
-        vecs = sums / torch.bincount(owner, minlength=len(spans))[:, None]
-        if not torch.isfinite(vecs).all():
-            raise FloatingPointError(f"verse {i}: the encoder gave non-finite layer-{cfg.layer} states")
-        out.append(vecs)
+    for start in range(0, len(sents), batch):
+        hidden, _, spans = sents.batch(range(start, min(start + batch, len(sents))))
+        vecs, _ = pool_subwords(hidden, spans, "mean")
+        for b, sp in enumerate(spans):
+            i = start + b
+            if not sp:
+                raise ValueError(f"verse {i} ({' '.join(words[i])[:60]!r}) has no word within max_length tokens")
+            if not torch.isfinite(vecs[b, :len(sp)]).all():
+                raise FloatingPointError(f"verse {i}: the encoder gave non-finite layer-{cfg.layer} states")
+            out.append(vecs[b, :len(sp)].clone())
     return out
 
 
@@ -257,16 +258,21 @@ def _verses(cfg: RealNVPConfig, ctx: Context, split: str, n: int, lexicon_split:
     return Verses(xw, yw, xv, yv, links, genre)
 
 
-def _sentence_means(mapped: Tensor, sizes: list[int]) -> Tensor:
-    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    return mapped.new_zeros(len(sizes), mapped.shape[1]).index_add_(0, owner, mapped) / torch.tensor(sizes)[:, None]
+def _owners(sizes: list[int]) -> Tensor:
+    """The segment of each row of segments of ``sizes`` rows laid end to end."""
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+
+
+def _segment_means(rows: Tensor, owner: Tensor, n: int) -> Tensor:
+    """``(n, d)`` means of the rows of each segment (``owner[i]`` = the segment of row i)."""
+    return rows.new_zeros(n, rows.shape[1]).index_add_(0, owner, rows) / torch.bincount(owner, minlength=n)[:, None]
 
 
 def _bible(cfg: RealNVPConfig, ctx: Context) -> AlignData:
     train = _verses(cfg, ctx, "train", cfg.n_train, "train")
     dev = _verses(cfg, ctx, "dev", cfg.n_dev, "test")
     test = _verses(cfg, ctx, "test", cfg.n_test, "test")
-    x, y, _, _ = train.pairs()
+    x, y, train_x_words, train_y_words = train.pairs()
     if len(x) < cfg.batch_size:
         raise ConfigError("RealNVPConfig", [f"n_train: {len(x)} word pairs from {cfg.n_train} verses, fewer than "
                                             f"batch_size ({cfg.batch_size})"])
@@ -279,43 +285,41 @@ def _bible(cfg: RealNVPConfig, ctx: Context) -> AlignData:
     # lexicon retrieval: each test word's mean mapped vector against the English candidates' means
     lex = lexicon(cfg.source_lang, cfg.target_lang, "test")
     x_types, y_types = sorted(set(cx_words)), sorted(set(cy_words))
-    x_of = torch.tensor([x_types.index(w) for w in cx_words])
-    y_of = torch.tensor([y_types.index(w) for w in cy_words])
+    x_index, y_index = {w: i for i, w in enumerate(x_types)}, {w: i for i, w in enumerate(y_types)}
+    x_of, y_of = torch.tensor([x_index[w] for w in cx_words]), torch.tensor([y_index[w] for w in cy_words])
     gold = [{k for k, e in enumerate(y_types) if (f, e) in lex} for f in x_types]
     sent_x, sent_y = torch.cat(test.x_vecs), torch.cat(test.y_vecs)
-    sizes_x, sizes_y = [len(v) for v in test.x_vecs], [len(v) for v in test.y_vecs]
-    train_y = torch.cat(train.y_vecs)
-    train_sizes = [len(v) for v in train.y_vecs]
+    n_test = len(test.x_vecs)
+    owner_x, owner_y = _owners([len(v) for v in test.x_vecs]), _owners([len(v) for v in test.y_vecs])
+    # genre centroids: the mean pooled English train verse per genre; the target maps are affine
+    # (identity, z-scoring), so mapping the centroids equals averaging mapped verses
+    train_means = _segment_means(torch.cat(train.y_vecs), _owners([len(v) for v in train.y_vecs]), len(train.y_vecs))
     k = len(GENRES)
-
-    def type_means(rows: Tensor, of: Tensor, n: int) -> Tensor:
-        return rows.new_zeros(n, rows.shape[1]).index_add_(0, of, rows) / torch.bincount(of, minlength=n)[:, None]
+    known = torch.bincount(train.genre, minlength=k) > 0
+    centroids = _segment_means(train_means, train.genre, k)[known]
+    genre_ids = known.nonzero().flatten()
 
     @torch.no_grad()
     def tasks(mapper: Mapper) -> dict[str, float]:
         mx, ty = mapper(cx), mapper.target(cy)
         out = {"cbli_p1": _p_at_1(mx, ty, "cosine"),
                "cbli_csls_p1": _p_at_1(mx, ty, "cosine", "csls", min(cfg.csls_k, len(mx)))}
-        top = metrics.retrieval_topk(type_means(mx, x_of, len(x_types)), type_means(ty, y_of, len(y_types)), 1,
-                                     dtype=torch.float32)[1][:, 0].tolist()
+        top = metrics.retrieval_topk(_segment_means(mx, x_of, len(x_types)), _segment_means(ty, y_of, len(y_types)),
+                                     1, dtype=torch.float32)[1][:, 0].tolist()
         scored = [t in g_ for t, g_ in zip(top, gold) if g_]
         out["lexicon_p1"] = float(np.mean(scored)) if scored else math.nan
-        sx = _sentence_means(mapper(sent_x), sizes_x)
-        sy = _sentence_means(mapper.target(sent_y), sizes_y)
+        sx = _segment_means(mapper(sent_x), owner_x, n_test)
+        sy = _segment_means(mapper.target(sent_y), owner_y, n_test)
         out["sentence_p1"] = 0.5 * (_p_at_1(sx, sy, "cosine") + _p_at_1(sy, sx, "cosine"))
-        centroids = _sentence_means(mapper.target(train_y), train_sizes)
-        centroids = torch.stack([centroids[train.genre == c].mean(0) if (train.genre == c).any()
-                                 else torch.full_like(centroids[0], math.nan) for c in range(k)])
-        known = torch.isfinite(centroids).all(1)
-        sims = F.normalize(sx, dim=1) @ F.normalize(centroids.nan_to_num(), dim=1).T
-        pred = sims.masked_fill(~known, -math.inf).argmax(1)
+        sims = F.normalize(sx, dim=1) @ F.normalize(mapper.target(centroids), dim=1).T
+        pred = genre_ids[sims.argmax(1)]
         out["genre_accuracy"] = metrics.accuracy(test.genre, pred)
         out["genre_macro_f1"] = metrics.macro_f1(test.genre, pred, labels=np.unique(test.genre.numpy()))
         return out
 
     info = {"train_pairs": len(x), "dev_pairs": len(dev_x), "cbli_pairs": len(cx),
             "lexicon_words": sum(map(bool, gold)), "pool": [len(x_pool), len(y_pool)], "test_verses": len(test.x_vecs),
-            "pair_types": len(set(zip(*train.pairs()[2:])))}
+            "pair_types": len(set(zip(train_x_words, train_y_words)))}
     return AlignData(x, y, x_pool, y_pool, "cosine", tasks, (dev_x, dev_y), info)
 
 
@@ -521,12 +525,12 @@ def _gan_step(cfg: RealNVPConfig, state: State, ctx: Context) -> dict[str, float
         # no finiteness pass: a non-finite mapped row makes loss_c non-finite, which ctx.update stops on
         est_y, gp_y = h_y.critic_gp(y, mapped.y_hat[rows], alpha=alpha[0], check_finite=False)
         est_x, gp_x = h_x.critic_gp(x, mapped.x_hat[rows], alpha=alpha[1], check_finite=False)
-        loss_c = -(est_y + est_x) + gp_weight * (gp_y + gp_x)
-        ctx.update(loss_c, ["critic"], {"w1": (est_y + est_x).item()})
+        estimate = est_y + est_x
+        ctx.update(gp_weight * (gp_y + gp_x) - estimate, ["critic"])
         if cfg.lipschitz == "clip":
             _clip_(h_y, cfg.clip)
             _clip_(h_x, cfg.clip)
-        w1 += (est_y + est_x).item() / cfg.n_critic
+        w1 += estimate.item() / cfg.n_critic
     x, y = _unpaired(state, ctx)
     out = core.both(x, y)
     adv = -(h_y(out.y_hat).mean() + h_x(out.x_hat).mean())
@@ -555,7 +559,7 @@ def _muse_step(cfg: RealNVPConfig, state: State, ctx: Context) -> dict[str, floa
     for _ in range(cfg.n_critic):  # the discriminator learns mapped X (label 1 - s) from Y (label s)
         logits, labels = logits_labels(False)
         loss_d = F.binary_cross_entropy_with_logits(logits, labels)
-        ctx.update(loss_d, ["critic"], {"dis_loss": loss_d.item()})
+        ctx.update(loss_d, ["critic"])
         dis += loss_d.item() / cfg.n_critic
     logits, labels = logits_labels(True)  # the map learns to fool it (flipped labels)
     loss = F.binary_cross_entropy_with_logits(logits, 1 - labels)
@@ -597,9 +601,7 @@ def _score(cfg: RealNVPConfig, values: dict[str, float]) -> float:
 def _check(cfg: RealNVPConfig, state: State, ctx: Context, epoch: float) -> None:
     """Criteria and tasks of the current map; keep it if it is the stage's best so far."""
     mapper, sel = state.modules["mapper"], state.modules["selection"]
-    mapper.eval()
-    values = {**criteria(cfg, mapper, state.data), **state.data.tasks(mapper)}
-    mapper.train()
+    values = {**criteria(cfg, mapper, state.data), **state.data.tasks(mapper)}  # no map has dropout
     sel.rows.append({"stage": state.phase, "step": state.phase_step + 1, "epoch": round(epoch, 4), **values})
     score = _score(cfg, values)
     if score >= sel.score or sel.chosen < 0:
@@ -626,8 +628,7 @@ def _enter_round(cfg: RealNVPConfig, state: State, ctx: Context) -> dict[str, An
     sel.score, sel.chosen = -math.inf, -1
     d = state.data
     with torch.no_grad():
-        mx, ty = mapper.eval()(d.x_pool), mapper.target(d.y_pool)
-        mapper.train()
+        mx, ty = mapper(d.x_pool), mapper.target(d.y_pool)
     src, tgt, _ = metrics.mutual_csls_pairs(mx, ty, cfg.criterion_pairs, min(cfg.csls_k, len(mx), len(ty)),
                                             d.similarity)
     if len(src) < 2:
@@ -678,7 +679,7 @@ def selected(state: State) -> Mapper:
 
 def evaluate(state: State, ctx: Context) -> dict[str, dict[str, Any]]:
     """Tasks and criteria of the selected map (the engine calls this at the end of each stage)."""
-    mapper = selected(state).eval()
+    mapper = selected(state)
     return {"test": state.data.tasks(mapper), "criteria": criteria(ctx.cfg, mapper, state.data)}
 
 
