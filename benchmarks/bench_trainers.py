@@ -59,23 +59,23 @@ from xlt_fast.data.core import ClassificationDataset
 from xlt_fast.models.tokens import EncoderTop, TokenSentences, frozen_copy
 from xlt_fast.nn import FlowPair, matching_loss
 from xlt_fast.nn.embedding_maps import FlowPass
-from xlt_fast.trainers import iwda, wca, wordot
+from xlt_fast.trainers import genre, iwda, wca, wordot
 from xlt_fast.training import Context, Dist, State, replace
 
 N_SOURCE, N_TARGET, D, K, BATCH = 2400, 1000, 384, 8, 32
 
 
-def _data(dtype: torch.dtype) -> iwda.Data:
+def _data(dtype: torch.dtype) -> genre.Data:
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, K, (N_SOURCE + N_TARGET,), generator=g)
     x = torch.randn(N_SOURCE + N_TARGET, D, generator=g, dtype=torch.float64).to(dtype) + labels[:, None] * 0.05
 
     def domain(name, rows):
         ds = ClassificationDataset(["-"] * len(rows), labels[rows].tolist(), [str(c) for c in range(K)])
-        return iwda.Domain(name, ds, x[rows], labels[rows])
+        return genre.Domain(name, ds, x[rows], labels[rows])
     source, target = domain("source", torch.arange(N_SOURCE)), domain("target", torch.arange(N_SOURCE, N_SOURCE + N_TARGET))
     prior = source.dataset.priors()
-    return iwda.Data(source, target, {}, prior, prior)
+    return genre.Data(source, target, {}, prior, prior)
 
 
 def iwda_step(critic_hidden: int, backend: str, dtype: torch.dtype = torch.float32):
@@ -91,7 +91,7 @@ def iwda_step(critic_hidden: int, backend: str, dtype: torch.dtype = torch.float
             module.to(dtype)
     state.data = _data(dtype)
     ctx.attach(state)
-    steps = iwda._steps(cfg, cfg.epochs, N_SOURCE // BATCH)
+    steps = genre.steps(cfg, cfg.epochs, N_SOURCE // BATCH)
     state.phase_step = steps // 2  # past the ramps: full alignment strength and estimated weights
 
     restore = _restorer(state)

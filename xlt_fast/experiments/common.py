@@ -227,3 +227,64 @@ def _bar(total: int, desc: str, enabled: bool, initial: int = 0) -> Callable[...
 
 def short_hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+# -------------------------------------------------------------------- genre-task target choice
+
+def _linear_probe(x, y, k: int, seed: int = 0):
+    """Multinomial logistic regression, full batch AdamW (500 steps, lr 1e-2, wd 1e-4)."""
+    import torch
+
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], k)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(500):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(x), y).backward()
+        opt.step()
+    return head
+
+
+def largest_gap_languages(cfg, n_languages: int, selection_verses: int, out: Path,
+                          progress: bool) -> tuple[list[str], list[dict]]:
+    """The ``n_languages`` Bible targets with the largest zero-shot gap of an English linear probe
+    (trained on the source verses of the genre-task config ``cfg``), evaluated on the same
+    ``selection_verses`` dev verses in every language (spec C.1; dev only). Writes ``languages.json``."""
+    import torch
+
+    from xlt_fast import metrics
+    from xlt_fast.data import GENRES, languages, load_genre_task, subsample_with_priors
+    from xlt_fast.trainers import genre
+    from xlt_fast.training import default_cache
+
+    cache = default_cache()
+    enc = dict(encoder=cfg.encoder, layers=(cfg.feature_layer,), pooling=cfg.pooling, prefix=cfg.prefix,
+               max_length=cfg.max_length, progress=progress)
+    source = genre.datasets(cfg)["source"]
+    xs = cache.get(source.texts, **enc)[cfg.feature_layer]
+    head = _linear_probe(xs, torch.tensor(source.labels), len(GENRES))
+    en_dev = load_genre_task(cfg.source_lang, "dev")
+    ids = set(subsample_with_priors(en_dev, en_dev.priors(), selection_verses, cfg.data_seed)[0].ids)
+    rows = []
+    sets = {lang: load_genre_task(lang, "dev") for lang in languages()}
+    sets = {lang: ds.subset([i for i, v in enumerate(ds.ids) if v in ids]) for lang, ds in sets.items()}
+    feats = cache.get([t for ds in sets.values() for t in ds.texts], **enc)[cfg.feature_layer]
+    start = 0
+    for lang, ds in sets.items():
+        x = feats[start:start + len(ds)]
+        start += len(ds)
+        with torch.no_grad():
+            pred = head(x).argmax(1)
+        y = np.asarray(ds.labels)
+        rows.append({"language": lang, "verses": len(ds), "macro_f1": metrics.macro_f1(y, pred, labels=np.unique(y)),
+                     "accuracy": metrics.accuracy(y, pred)})
+    en = next(r["macro_f1"] for r in rows if r["language"] == cfg.source_lang)
+    for r in rows:
+        r["gap"] = en - r["macro_f1"]
+    targets = sorted((r for r in rows if r["language"] != cfg.source_lang), key=lambda r: -r["gap"])
+    chosen = [r["language"] for r in targets[:n_languages]]
+    atomic.write_json(out / "languages.json", {"rows": rows, "chosen": chosen, "rule": (
+        f"English linear probe (trained on the {len(source)} source verses) on the same "
+        f"{selection_verses} dev verses in every language; targets = the {n_languages} "
+        f"largest gaps (English macro-F1 minus target macro-F1)")})
+    return chosen, rows

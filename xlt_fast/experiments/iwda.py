@@ -36,14 +36,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from xlt_fast import metrics
-from xlt_fast.data import GENRES, languages, load_genre_task, prior_name, subsample_with_priors
-from xlt_fast.experiments.common import (Cell, Claim, cell_dir, mean_ci, run_cells, sign_verdict, sizes, spearman,
-                                         write_claims)
-from xlt_fast.trainers import iwda as trainer
-from xlt_fast.training import ConfigError, atomic, checkpoint, default_cache, replace
+from xlt_fast.data import load_genre_task, prior_name
+from xlt_fast.experiments.common import (Cell, Claim, cell_dir, largest_gap_languages, mean_ci, run_cells, sign_verdict,
+                                         sizes, spearman, write_claims)
+from xlt_fast.trainers import genre, iwda as trainer
+from xlt_fast.training import ConfigError, checkpoint, default_cache, replace
 from xlt_fast.training.plots import finish, grid as subplots
 
 # method -> (config fields, aligned: takes the chosen lambda_da and critic scale)
@@ -107,59 +105,17 @@ def base_config(settings: Settings, target: str, **fields: Any) -> trainer.IWDAC
     cfg = replace(trainer.IWDAConfig(), **{**values, **settings.config, **fields})
     available = len(load_genre_task(cfg.source_lang, cfg.source_split))
     reference = REFERENCE_EPOCHS * available // REFERENCE_BATCH
-    steps = trainer._steps(cfg, cfg.epochs, (cfg.n_source or available) // cfg.batch_size)
+    steps = genre.steps(cfg, cfg.epochs, (cfg.n_source or available) // cfg.batch_size)
     return replace(cfg, lr_iw=cfg.lr_iw * reference / steps,
                    iw_ema_rate=min(1.0, cfg.iw_ema_rate * cfg.batch_size / REFERENCE_BATCH))
 
 
 # ----------------------------------------------------------------------------------- step 1
 
-def _linear_probe(x: torch.Tensor, y: torch.Tensor, k: int, seed: int = 0) -> torch.nn.Linear:
-    """Multinomial logistic regression, full batch AdamW (500 steps, lr 1e-2, wd 1e-4)."""
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], k)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(500):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(head(x), y).backward()
-        opt.step()
-    return head
-
-
 def select_languages(settings: Settings, out: Path, progress: bool) -> tuple[list[str], list[dict]]:
-    """The targets with the largest zero-shot gap of an English linear probe on shared dev verses."""
-    cfg = base_config(settings, "de")
-    cache = default_cache()
-    enc = dict(encoder=cfg.encoder, layers=(cfg.feature_layer,), pooling=cfg.pooling, prefix=cfg.prefix,
-               max_length=cfg.max_length, progress=progress)
-    source = trainer.datasets(cfg)["source"]
-    xs = cache.get(source.texts, **enc)[cfg.feature_layer]
-    head = _linear_probe(xs, torch.tensor(source.labels), len(GENRES))
-    en_dev = load_genre_task(cfg.source_lang, "dev")
-    ids = set(subsample_with_priors(en_dev, en_dev.priors(), settings.selection_verses, cfg.data_seed)[0].ids)
-    rows = []
-    sets = {lang: load_genre_task(lang, "dev") for lang in languages()}
-    sets = {lang: ds.subset([i for i, v in enumerate(ds.ids) if v in ids]) for lang, ds in sets.items()}
-    feats = cache.get([t for ds in sets.values() for t in ds.texts], **enc)[cfg.feature_layer]
-    start = 0
-    for lang, ds in sets.items():
-        x = feats[start:start + len(ds)]
-        start += len(ds)
-        with torch.no_grad():
-            pred = head(x).argmax(1)
-        y = np.asarray(ds.labels)
-        rows.append({"language": lang, "verses": len(ds), "macro_f1": metrics.macro_f1(y, pred, labels=np.unique(y)),
-                     "accuracy": metrics.accuracy(y, pred)})
-    en = next(r["macro_f1"] for r in rows if r["language"] == cfg.source_lang)
-    for r in rows:
-        r["gap"] = en - r["macro_f1"]
-    targets = sorted((r for r in rows if r["language"] != cfg.source_lang), key=lambda r: -r["gap"])
-    chosen = [r["language"] for r in targets[:settings.n_languages]]
-    atomic.write_json(out / "languages.json", {"rows": rows, "chosen": chosen, "rule": (
-        f"English linear probe (trained on the {len(source)} source verses) on the same "
-        f"{settings.selection_verses} dev verses in every language; targets = the {settings.n_languages} "
-        f"largest gaps (English macro-F1 minus target macro-F1)")})
-    return chosen, rows
+    """The targets with the largest zero-shot gap (:func:`xlt_fast.experiments.common.largest_gap_languages`)."""
+    return largest_gap_languages(base_config(settings, "de"), settings.n_languages, settings.selection_verses, out,
+                                 progress)
 
 
 # ----------------------------------------------------------------------------------- steps 2-4
@@ -173,7 +129,7 @@ def target_priors(settings: Settings, target: str) -> list[list[str]]:
         spec = [f"dirichlet:1:{seed}"]
         seed += 1
         try:
-            trainer.datasets(base_config(settings, target, target_priors=spec))
+            genre.datasets(base_config(settings, target, target_priors=spec))
         except ConfigError:
             continue
         out.append(spec)
@@ -184,7 +140,7 @@ def _encode_all(cfgs: Sequence[trainer.IWDAConfig], progress: bool) -> None:
     """Encode every text the grid will read, in one pass (the runs then only read the cache)."""
     texts: dict[str, None] = {}
     for cfg in cfgs:
-        for ds in trainer.datasets(cfg).values():
+        for ds in genre.datasets(cfg).values():
             texts.update(dict.fromkeys(ds.texts))
     cfg = cfgs[0]
     default_cache().get(list(texts), encoder=cfg.encoder, layers=(cfg.feature_layer,), pooling=cfg.pooling,

@@ -36,20 +36,12 @@ model of a finished ``zero_shot`` run with the same zero-shot settings and skips
 draws its own data streams and reseeds its randomness on entry, so the result equals one run of
 all phases.
 
-Data (spec C.1): the source is the labelled source-language verses of ``source_split`` (default the
-train half A); the target pool, the unlabelled target-language verses of ``target_split`` (half B,
-so no source verse has its translation in the pool) drawn with the target priors; the target dev
-and test sets are drawn from the dev and test splits with the same priors. ``mode="frozen"``
-trains g (a residual MLP) and h on cached encoder features; ``mode="finetune"`` fine-tunes the
-encoder's top ``trainable_layers`` (g = encoder + pooling). Dev sets are for choices, test sets
-for reporting only.
+Data, model and the zero-shot stage: :mod:`xlt_fast.trainers.genre` (spec C.1), shared with CoNLST.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -58,15 +50,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from xlt_fast import metrics
-from xlt_fast.data import GENRES, load_genre_task, resolve_priors, subsample_with_priors
-from xlt_fast.data.core import ClassificationDataset
-from xlt_fast.models import EncoderClassifier, load_encoder
-from xlt_fast.nn import FeatureClassifier, ImportanceWeights, WassersteinCritic, grad_reverse, solve_weights_qp
+from xlt_fast.data import GENRES
+from xlt_fast.nn import ImportanceWeights, WassersteinCritic, grad_reverse, solve_weights_qp
 from xlt_fast.nn.importance import confusion_counts, prediction_counts
-from xlt_fast.training import (Context, Phase, State, TrainerConfig, arg, default_cache, generator,
-                               warmup_linear)
-from xlt_fast.training.checkpoint import latest
-from xlt_fast.training.config import ConfigError
+from xlt_fast.trainers import genre
+from xlt_fast.trainers.genre import Data, GenreConfig
+from xlt_fast.training import Context, Phase, State, arg, generator, warmup_linear
 
 Variant = Literal["zero_shot", "iwda", "iwda_oracle", "unweighted", "self_training", "iwda_self_training"]
 ALIGNED = ("iwda", "iwda_oracle", "unweighted", "iwda_self_training")
@@ -75,43 +64,8 @@ ESTIMATED = ("iwda", "iwda_self_training")
 
 
 @dataclasses.dataclass
-class IWDAConfig(TrainerConfig):
+class IWDAConfig(GenreConfig):
     variant: Variant = arg("iwda", "zero_shot | iwda | iwda_oracle | unweighted | self_training | iwda_self_training")
-    target_lang: str = arg("ko", "target language (Bible corpus code)")
-    # data (spec C.1)
-    target_priors: list[str] = arg(["source"], "target class priors: source | peaked:<class>:<t> | "
-                                   "dirichlet:<alpha>:<seed> | 8 numbers (xlt_fast.data.priors)")
-    n_target: int = arg(2000, "size of the unlabelled target pool, drawn with the target priors", ge=8)
-    n_test: int = arg(600, "size of the target test set (target priors); reporting only", ge=8)
-    n_dev: int = arg(600, "size of the target dev set (target priors); for choices", ge=8)
-    n_source: int = arg(0, "source examples drawn (natural prior) from source_split; 0 = all", ge=0)
-    n_source_eval: int = arg(1000, "source dev examples for monitoring and the feature shift (Eq. 1)", ge=8)
-    source_split: Literal["train_a", "train_b"] = arg("train_a", "half of the train chapters for the labelled source")
-    target_split: Literal["train_a", "train_b"] = arg("train_b", "the other half, for the unlabelled target pool "
-                                                      "(no translation of a source verse in the pool; spec C.1)")
-    data_seed: int = arg(0, "seed of the source subsamples (separate from seed, so seeds share data)", ge=0)
-    target_seed: int = arg(0, "seed of the target pool, dev and test subsamples", ge=0)
-    # model
-    mode: Literal["frozen", "finetune"] = arg("frozen", "frozen: MLP g on cached encoder features; "
-                                              "finetune: fine-tune the encoder's top layers")
-    feature_layer: int = arg(12, "frozen mode: encoder layer of the cached features (0 = embeddings)", ge=0)
-    pooling: Literal["mean", "cls", "pooler"] = arg(
-        "mean", "sentence pooling: mean (e5), cls (first token) or pooler (finetune: the encoder's tanh pooler, "
-        "what the authors' code uses for mBERT)")
-    prefix: str = arg("query: ", "text prefix (e5 expects 'query: ')")
-    max_length: int = arg(128, "max tokens per text", ge=8)
-    hidden: int = arg(384, "frozen mode: width of g's hidden layer (spec C.1)", ge=1)
-    dropout: float = arg(0.1, "dropout in g (frozen) or before h (finetune)", ge=0, lt=1)
-    trainable_layers: int = arg(12, "finetune mode: top encoder layers trained (embeddings always frozen)", ge=0)
-    # optimisation shared by the phases ([paper] C.2: AdamW, weight decay 0.01, warm-up 10% + linear)
-    batch_size: int = arg(8, "examples per domain per step ([paper] C.2: 8 + 8)", ge=1)
-    weight_decay: float = arg(0.01, "AdamW weight decay of g, h and the critic ([paper] C.2)", ge=0)
-    warmup_ratio: float = arg(0.1, "linear warm-up fraction of each phase's lr ([paper] C.2)", ge=0, le=1)
-    # zero-shot stage
-    zs_epochs: float = arg(4.0, "zero-shot epochs over the source ([paper] Sec. 4: 4)", gt=0)
-    zs_lr: float = arg(1e-3, "zero-shot lr (frozen features; [paper] C.2: 1e-5 for full fine-tuning)", gt=0)
-    init_from: str = arg("", "run directory of a finished zero_shot run with the same zero-shot settings: "
-                         "start from its model and skip the zero-shot stage (zero_shot: only evaluate it)")
     # IWDA stage
     epochs: float = arg(4.0, "IWDA epochs over the source ([paper] C.2: 4 source epochs)", gt=0)
     lr: float = arg(1e-3, "model lr in the IWDA stage (frozen features; [paper] C.2: 1e-5 fine-tuning)", gt=0)
@@ -145,126 +99,8 @@ class IWDAConfig(TrainerConfig):
     st_iterations: int = arg(10, "self-training rounds (each adds st_fraction of the pool)", ge=1)
     st_fraction: float = arg(0.02, "fraction of the pool added per round ([paper] C.2: 0.05% or 2%)", gt=0, le=1)
 
-    def check(self) -> list[str]:
-        problems = super().check()
-        try:
-            from xlt_fast.data import languages
-
-            langs = languages()
-            for name in ("source_lang", "target_lang"):
-                if getattr(self, name) not in langs:
-                    problems.append(f"{name}: no Bible translation for {getattr(self, name)!r}; available: {langs}")
-        except (ImportError, FileNotFoundError) as exc:
-            problems.append(f"source_lang/target_lang: the Bible corpus is missing ({exc})")
-        try:
-            resolve_priors(self.target_priors, np.full(len(GENRES), 1 / len(GENRES)), GENRES)
-        except ValueError as exc:
-            problems.append(f"target_priors: {exc}")
-        if self.source_split == self.target_split:
-            problems.append("target_split: must differ from source_split (disjoint halves, spec C.1)")
-        for name in ("n_target", "n_source"):
-            if 0 < getattr(self, name) < self.batch_size:
-                problems.append(f"{name}: must be >= batch_size ({self.batch_size}), got {getattr(self, name)}")
-        if self.pooling == "pooler" and self.mode == "frozen":
-            problems.append("pooling: 'pooler' needs mode='finetune' (the cached features are mean or cls pooled)")
-        return problems
-
-
-# ------------------------------------------------------------------------------------------- data
-
-@dataclasses.dataclass
-class Domain:
-    """Model inputs (feature rows or texts) of a dataset, its labels (on the device) and prior."""
-
-    name: str
-    dataset: ClassificationDataset
-    inputs: Any
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-
-@dataclasses.dataclass
-class Data:
-    source: Domain
-    target: Domain          # the unlabelled pool: its labels are used for reporting only
-    evals: dict[str, Domain]
-    source_prior: np.ndarray
-    target_prior: np.ndarray
-
-
-def _subsample(dataset: ClassificationDataset, priors: np.ndarray, n: int, seed: int, field: str) -> ClassificationDataset:
-    try:
-        return subsample_with_priors(dataset, priors, n, seed)[0]
-    except ValueError as exc:
-        raise ConfigError("IWDAConfig", [f"{field}: {exc}"]) from None
-
-
-def datasets(cfg: IWDAConfig) -> dict[str, ClassificationDataset]:
-    """The source, target pool and evaluation sets of the config (spec C.1)."""
-    source = load_genre_task(cfg.source_lang, cfg.source_split)
-    if cfg.n_source:
-        source = _subsample(source, source.priors(), cfg.n_source, cfg.data_seed, "n_source")
-    prior = resolve_priors(cfg.target_priors, source.priors(), GENRES)
-    tgt = cfg.target_lang
-    source_dev = load_genre_task(cfg.source_lang, "dev")
-    return {"source": source,
-            "target": _subsample(load_genre_task(tgt, cfg.target_split), prior, cfg.n_target, cfg.target_seed + 1,
-                                 "n_target/target_priors"),
-            "source_dev": _subsample(source_dev, source_dev.priors(), min(cfg.n_source_eval, len(source_dev)),
-                                     cfg.data_seed + 4, "n_source_eval"),
-            "target_dev": _subsample(load_genre_task(tgt, "dev"), prior, cfg.n_dev, cfg.target_seed + 3,
-                                     "n_dev/target_priors"),
-            "target_test": _subsample(load_genre_task(tgt, "test"), prior, cfg.n_test, cfg.target_seed + 2,
-                                      "n_test/target_priors")}
-
-
-def _lang(cfg: IWDAConfig, name: str) -> str:
-    return cfg.source_lang if name.startswith("source") else cfg.target_lang
-
-
-def load_data(cfg: IWDAConfig, ctx: Context) -> Data:
-    sets = datasets(cfg)
-    if cfg.mode == "frozen":
-        cache = default_cache()
-        with ctx.dist.main_first():
-            texts = [t for ds in sets.values() for t in ds.texts]
-            feats = cache.get(texts, encoder=cfg.encoder, layers=(cfg.feature_layer,), pooling=cfg.pooling,
-                              prefix=cfg.prefix, max_length=cfg.max_length, device=ctx.device,
-                              progress=cfg.progress and ctx.dist.is_main)[cfg.feature_layer].to(ctx.device)
-        rows = np.cumsum([0] + [len(ds) for ds in sets.values()])
-        inputs = {name: feats[a:b] for name, a, b in zip(sets, rows[:-1], rows[1:])}
-    else:
-        inputs = {name: ds.texts for name, ds in sets.items()}
-    domains = {name: Domain(name, ds, inputs[name], torch.tensor(ds.labels, device=ctx.device))
-               for name, ds in sets.items()}
-    return Data(domains["source"], domains["target"],
-                {k: domains[k] for k in ("source_dev", "target_dev", "target_test")},
-                sets["source"].priors(), resolve_priors(cfg.target_priors, sets["source"].priors(), GENRES))
-
 
 # ------------------------------------------------------------------------------------------ build
-
-ZS_FIELDS = ("source_lang", "seed", "encoder", "device", "max_steps", "n_source", "source_split", "data_seed", "mode",
-             "feature_layer", "pooling", "prefix", "max_length", "hidden", "dropout", "trainable_layers",
-             "batch_size", "weight_decay", "warmup_ratio", "zs_epochs", "zs_lr")
-
-
-def _adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW on the trainable parameters of ``module``, weight decay on all but biases and LayerNorm
-    weights (as the IWDA authors' code), with the fused kernel (3-4x faster than the default on CPU)."""
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    plain = [p for n, p in named if "bias" in n or "LayerNorm.weight" in n]
-    decayed = [p for n, p in named if not ("bias" in n or "LayerNorm.weight" in n)]
-    return torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}],
-                             lr=lr, fused=True)
-
-
-def _steps(cfg: IWDAConfig, epochs: float, batches_per_epoch: int) -> int:
-    steps = max(1, math.ceil(epochs * batches_per_epoch))
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
-
 
 def phase_names(cfg: IWDAConfig) -> list[str]:
     """The phases of the variant; ``zero_shot`` with ``init_from`` has none (it evaluates the model)."""
@@ -276,46 +112,24 @@ def phase_names(cfg: IWDAConfig) -> list[str]:
     return names
 
 
-def _init_from(cfg: IWDAConfig, model: nn.Module) -> None:
-    run = Path(cfg.init_from)
-    saved = json.loads((run / "config.json").read_text())["config"] if (run / "config.json").is_file() else None
-    found = latest(run / "checkpoints")
-    if saved is None or found is None or not (run / "results.json").is_file():
-        raise ConfigError("IWDAConfig", [f"init_from: {run} is not a finished run with a checkpoint "
-                                         f"(keep_checkpoints >= 1)"])
-    differ = [f for f in ZS_FIELDS if saved.get(f) != getattr(cfg, f)]
-    if saved.get("variant") != "zero_shot" or differ:
-        raise ConfigError("IWDAConfig", [f"init_from: {run} is not a zero_shot run with these zero-shot settings "
-                                         f"(variant {saved.get('variant')!r}; differing fields: {differ})"])
-    payload = torch.load(found / "state.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(payload["modules"]["model"])
-
-
 def build(cfg: IWDAConfig, ctx: Context) -> State:
-    return build_state(cfg, ctx, load_data(cfg, ctx))
+    return build_state(cfg, ctx, genre.load_data(cfg, ctx))
 
 
 def build_state(cfg: IWDAConfig, ctx: Context, data: Data) -> State:
     """Models, optimizers, schedulers, streams and generators of ``cfg`` on ``data``."""
     k = len(GENRES)
-    if cfg.mode == "frozen":
-        model = FeatureClassifier(data.source.inputs.shape[1], k, cfg.hidden, cfg.dropout)
-    else:
-        model = EncoderClassifier(load_encoder(cfg.encoder, device=ctx.device, progress=False), k, cfg.pooling,
-                                  cfg.trainable_layers, cfg.dropout, cfg.prefix, cfg.max_length)
-    model = model.to(ctx.device)
-    if cfg.init_from:
-        _init_from(cfg, model)
+    model = genre.classifier(cfg, ctx, data)
     modules: dict[str, nn.Module] = {"model": model}
     optimizers, schedulers = {}, {}
     bpe = len(data.source) // cfg.batch_size
     names = phase_names(cfg)
     if "zs" in names:
         ctx.stream("zs/source", len(data.source), cfg.batch_size)
-        optimizers["zs"] = _adamw(model, cfg.zs_lr, cfg.weight_decay)
-        schedulers["zs"] = warmup_linear(optimizers["zs"], _steps(cfg, cfg.zs_epochs, bpe), cfg.warmup_ratio)
+        optimizers["zs"] = genre.adamw(model, cfg.zs_lr, cfg.weight_decay)
+        schedulers["zs"] = warmup_linear(optimizers["zs"], genre.steps(cfg, cfg.zs_epochs, bpe), cfg.warmup_ratio)
     if "iwda" in names:
-        steps = _steps(cfg, cfg.epochs, bpe)
+        steps = genre.steps(cfg, cfg.epochs, bpe)
         ctx.stream("iwda/source", len(data.source), cfg.batch_size)
         ctx.stream("iwda/target", len(data.target), cfg.batch_size)
         critic = WassersteinCritic(model.feature_size, cfg.critic_hidden, k if cfg.cdan else None).to(ctx.device)
@@ -326,16 +140,16 @@ def build_state(cfg: IWDAConfig, ctx: Context, data: Data) -> State:
         iw = ImportanceWeights(torch.as_tensor(data.source_prior), init, cfg.iw_ema_rate,
                                trainable=cfg.variant in ESTIMATED).to(ctx.device)
         modules.update(critic=critic, iw=iw)
-        optimizers["model"] = _adamw(model, cfg.lr, cfg.weight_decay)
+        optimizers["model"] = genre.adamw(model, cfg.lr, cfg.weight_decay)
         schedulers["model"] = warmup_linear(optimizers["model"], steps, cfg.warmup_ratio)
-        optimizers["critic"] = _adamw(critic, cfg.critic_lr, cfg.weight_decay)
+        optimizers["critic"] = genre.adamw(critic, cfg.critic_lr, cfg.weight_decay)
         if cfg.variant in ESTIMATED:
             optimizers["iw"] = torch.optim.AdamW([iw.delta], lr=cfg.lr_iw, weight_decay=cfg.lambda_iw, fused=True)
             schedulers["iw"] = warmup_linear(optimizers["iw"], steps, 0.0)
     if "st" in names:
         ctx.stream("st/source", len(data.source), cfg.batch_size)
-        optimizers["st"] = _adamw(model, cfg.st_lr, cfg.weight_decay)
-        schedulers["st"] = warmup_linear(optimizers["st"], _steps(cfg, cfg.st_epochs, bpe), cfg.warmup_ratio)
+        optimizers["st"] = genre.adamw(model, cfg.st_lr, cfg.weight_decay)
+        schedulers["st"] = warmup_linear(optimizers["st"], genre.steps(cfg, cfg.st_epochs, bpe), cfg.warmup_ratio)
         modules["pseudo"] = PseudoLabels(len(data.target)).to(ctx.device)
     generators = {"critic": generator(cfg.seed, "critic"), "st": generator(cfg.seed, "st")}
     parallel = {"model": ctx.wrap(model)}
@@ -373,40 +187,14 @@ class PseudoLabels(nn.Module):
 
 # ---------------------------------------------------------------------------------------- phases
 
-def _forward(state: State, parts) -> tuple[torch.Tensor, torch.Tensor]:
-    model = state.modules["model"]
-    return state.parallel["model"](model.collate(parts))
-
-
-def _zs_step(state: State, ctx: Context) -> dict[str, float]:
-    src = state.data.source
-    idx = state.streams["zs/source"].next()
-    _, logits = _forward(state, [(src.inputs, idx)])
-    loss = F.cross_entropy(logits, src.labels[idx])
-    ctx.update(loss, ["zs"])
-    return {"loss": loss.item()}
-
-
-@torch.no_grad()
-def predict(state: State, ctx: Context, domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z, logits)`` of every example of ``domain`` (eval mode, sharded across processes)."""
-    model = state.modules["model"]
-    was = model.training
-    model.eval()
-    out = ctx.predict(lambda idx: torch.cat(model(model.collate([(domain.inputs, idx)])), dim=1), len(domain))
-    model.train(was)
-    d = model.feature_size
-    return out[:, :d], out[:, d:]
-
-
 def _iwda_enter(cfg: IWDAConfig, state: State, ctx: Context) -> dict[str, Any]:
     """IW initialisation (A.2 step 1): QP on the zero-shot model's hard confusion matrix."""
     iw: ImportanceWeights = state.modules["iw"]
     if cfg.variant not in ESTIMATED:
         return {"w": iw.weights.tolist()}
     src = state.data.evals["source_dev"] if cfg.iw_init_data == "dev" else state.data.source
-    _, logits_s = predict(state, ctx, src)
-    _, logits_t = predict(state, ctx, state.data.target)
+    _, logits_s = genre.predict(state, ctx, src)
+    _, logits_t = genre.predict(state, ctx, state.data.target)
     k = logits_s.shape[1]
     C0 = confusion_counts(logits_s.argmax(1), src.labels, k).cpu().numpy()
     t0 = prediction_counts(logits_t.argmax(1), k).cpu().numpy()
@@ -441,7 +229,7 @@ def _alignment_step(cfg: IWDAConfig, steps: int, state: State, ctx: Context, upd
     parts = [(data.source.inputs, i_s), (data.target.inputs, i_t)]
     features = "model" in update
     if features:
-        z, logits = _forward(state, parts)
+        z, logits = genre.forward(state, parts)
     else:  # critic-only step: the features are constants (no DistributedDataParallel forward of the model)
         with torch.no_grad():
             model = state.modules["model"]
@@ -490,7 +278,7 @@ def _alignment_step(cfg: IWDAConfig, steps: int, state: State, ctx: Context, upd
 def _st_select(cfg: IWDAConfig, state: State, ctx: Context) -> int:
     """One self-training round: add the most confident unselected pool examples, class-balanced."""
     pseudo: PseudoLabels = state.modules["pseudo"]
-    _, logits = predict(state, ctx, state.data.target)
+    _, logits = genre.predict(state, ctx, state.data.target)
     conf, pred = torch.softmax(logits, 1).max(1)
     k = logits.shape[1]
     per_class = max(1, int(cfg.st_fraction * len(state.data.target) / k + 0.5))
@@ -511,7 +299,7 @@ def _st_step(cfg: IWDAConfig, steps: int, state: State, ctx: Context) -> dict[st
     i_p = chosen[ctx.share(torch.randint(len(chosen), (cfg.batch_size,), generator=state.generators["st"]))
                  .to(chosen.device)]
     i_s = state.streams["st/source"].next()
-    _, logits = _forward(state, [(data.source.inputs, i_s), (data.target.inputs, i_p)])
+    _, logits = genre.forward(state, [(data.source.inputs, i_s), (data.target.inputs, i_p)])
     n = i_s.numel()
     loss_src = F.cross_entropy(logits[:n], data.source.labels[i_s])
     loss_pseudo = F.cross_entropy(logits[n:], pseudo.labels[i_p])
@@ -524,13 +312,13 @@ def phases(cfg: IWDAConfig, state: State) -> list[Phase]:
     out = []
     for name in phase_names(cfg):
         if name == "zs":
-            out.append(Phase("zs", _steps(cfg, cfg.zs_epochs, bpe), _zs_step))
+            out.append(Phase("zs", genre.steps(cfg, cfg.zs_epochs, bpe), genre.zs_step))
         elif name == "iwda":
-            steps = _steps(cfg, cfg.epochs, bpe)
+            steps = genre.steps(cfg, cfg.epochs, bpe)
             out.append(Phase("iwda", steps, lambda s, c, n=steps: _iwda_step(cfg, n, s, c),
                              enter=lambda s, c: _iwda_enter(cfg, s, c)))
         else:
-            steps = _steps(cfg, cfg.st_epochs, bpe)
+            steps = genre.steps(cfg, cfg.st_epochs, bpe)
             out.append(Phase("st", steps, lambda s, c, n=steps: _st_step(cfg, n, s, c)))
     return out
 
@@ -557,7 +345,7 @@ def evaluate(state: State, ctx: Context) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     feats = {}
     for name, domain in state.data.evals.items():
-        z, logits = predict(state, ctx, domain)
+        z, logits = genre.predict(state, ctx, domain)
         y = domain.labels.cpu()
         pred = logits.argmax(1).cpu()
         feats[name] = (z.cpu(), y)
