@@ -100,7 +100,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench.add_argument("--device", default=None, choices=("cpu", "cuda"))
     bench.add_argument("--out", default=os.path.join("benchmarks", "results"), help="directory for JSON and PNG")
     train = sub.add_parser("train", add_help=False, help="train one config of a bundled trainer")
-    train.add_argument("method", help="trainer name (iwda, wordot, wca)")
+    train.add_argument("method", help="trainer name (iwda, wordot, wca, realnvp, conlst)")
     train.add_argument("--config", default=None, help="JSON or TOML file of config fields")
     train.add_argument("--resume", action="store_true", help="continue output_dir from its latest checkpoint")
     train.add_argument("-h", "--help", action="store_true", help="list the trainer's config fields")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXPERIMENTS = ("iwda", "wordot", "wca", "realnvp-sim", "realnvp")
+EXPERIMENTS = ("iwda", "wordot", "wca", "realnvp-sim", "realnvp", "conlst")
 
 
 def get(name: str) -> ModuleType:

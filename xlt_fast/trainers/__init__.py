@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TRAINERS = ("iwda", "wordot", "wca", "realnvp")
+TRAINERS = ("iwda", "wordot", "wca", "realnvp", "conlst")
 
 
 def get(name: str) -> ModuleType:
