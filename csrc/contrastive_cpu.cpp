@@ -10,8 +10,10 @@
 #include "fast_exp.h"  // first: its pragma applies to the whole file
 #include "common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace xlt_fast {
 namespace {
@@ -256,6 +258,249 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> candidate_softmax_cpu(
   return {row_loss.mean(), grad_anchor, grad_cands};
 }
 
+// indexed_candidate_softmax: candidate_softmax with the negatives given as rows of a pool read by
+// index, never gathered. anchor a (B, d), positive p (B, d), pool (P, d), index (B, K) int64 and
+// valid (B, K): s_i0 = sim(a_i, p_i) / tau, s_ik = sim(a_i, pool[index_ik]) / tau for valid k,
+// loss_i = logsumexp_{0, valid k} s_i - s_i0 (0 when no negative is valid), the op returns the mean.
+// Pass 1 (parallel over anchors) forms the loss, dL/dsim per candidate and the gradients of a and p,
+// and keeps each negative's coefficient; pass 2 scatters the pool gradient, parallel over column
+// chunks of d with every chunk visiting all (i, k) in order: race-free, and the same sums in the same
+// order for any thread count. Entries with valid False are never read (their index may be anything).
+
+// The similarity accumulator: <a, c> (dot) or |a - c|^2 (distance metrics), by explicit differences.
+template <typename T, int64_t METRIC>
+XLT_INLINE T row_acc(const T* __restrict a, const T* __restrict c, int64_t d) {
+  T acc = 0;
+  if (METRIC == kDot) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t t = 0; t < d; ++t) acc += a[t] * c[t];
+  } else {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t t = 0; t < d; ++t) acc += (a[t] - c[t]) * (a[t] - c[t]);
+  }
+  return acc;
+}
+
+// The logit sim(a, c) / tau; for the distance metrics the distance goes to dist.
+template <typename T, int64_t METRIC>
+XLT_INLINE T indexed_logit(const T* __restrict a, const T* __restrict c, int64_t d, T inv_temp, T& dist) {
+  const T acc = row_acc<T, METRIC>(a, c, d);
+  if (METRIC == kDot) return acc * inv_temp;
+  dist = METRIC == kEuclidean ? std::sqrt(acc) : acc;
+  return -dist * inv_temp;
+}
+
+// dsim/da = coef-scaled c (dot) or (a - c) (distances): the factor a candidate's weight w = dL/dsim
+// turns into. sqeuclidean: sim = -D, dsim/da = -2 (a - c); euclidean: sim = -sqrt(D), dsim/da =
+// -(a - c) / sqrt(D) (0 at D = 0, the convention of candidate_softmax_cpu).
+template <typename T, int64_t METRIC>
+XLT_INLINE T metric_coef(T w, T dist) {
+  if (METRIC == kDot) return w;
+  if (METRIC == kSqEuclidean) return -2 * w;
+  return dist > 0 ? -w / dist : T(0);
+}
+
+// One anchor (pass 1). s / dist: scratch of K entries. Writes the row loss, and with need_grad the
+// anchor's and the positive's gradient rows and the negatives' coefficients (0 where not valid).
+template <typename T, int64_t METRIC>
+XLT_CLONES
+T indexed_anchor(const T* __restrict a, const T* __restrict p, const T* __restrict pool,
+                 const int64_t* __restrict idx, const bool* __restrict v, int64_t K, int64_t d, T inv_temp,
+                 T inv_b, bool need_grad, T* __restrict s, T* __restrict dist, T* __restrict ga,
+                 T* __restrict gp, T* __restrict coef) {
+  T dist0 = 0;
+  const T s0 = indexed_logit<T, METRIC>(a, p, d, inv_temp, dist0);
+  T mx = s0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (!v[k]) continue;
+    s[k] = indexed_logit<T, METRIC>(a, pool + idx[k] * d, d, inv_temp, dist[k]);
+    mx = s[k] > mx ? s[k] : mx;
+  }
+  T sum = std::exp(s0 - mx);
+  for (int64_t k = 0; k < K; ++k) sum += v[k] ? std::exp(s[k] - mx) : T(0);
+  const T lse = mx + std::log(sum);
+  if (!need_grad) return lse - s0;
+  // dL/ds_k = p_k (negatives), dL/ds_0 = p_0 - 1 = -sum_k p_k (exact 0 without negatives); ds/dsim = 1/tau
+  const T scale = inv_temp * inv_b;
+  T neg_mass = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (!v[k]) {
+      coef[k] = 0;
+      continue;
+    }
+    const T pk = std::exp(s[k] - lse);
+    neg_mass += pk;
+    coef[k] = metric_coef<T, METRIC>(pk * scale, dist[k]);
+  }
+  const T c0 = metric_coef<T, METRIC>(-neg_mass * scale, dist0);
+  if (METRIC == kDot) {
+#pragma omp simd
+    for (int64_t t = 0; t < d; ++t) {
+      ga[t] = c0 * p[t];
+      gp[t] = c0 * a[t];
+    }
+  } else {
+#pragma omp simd
+    for (int64_t t = 0; t < d; ++t) {
+      const T diff = c0 * (a[t] - p[t]);
+      ga[t] = diff;
+      gp[t] = -diff;
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    if (!v[k]) continue;
+    const T ck = coef[k];
+    const T* c = pool + idx[k] * d;
+    if (METRIC == kDot) {
+#pragma omp simd
+      for (int64_t t = 0; t < d; ++t) ga[t] += ck * c[t];
+    } else {
+#pragma omp simd
+      for (int64_t t = 0; t < d; ++t) ga[t] += ck * (a[t] - c[t]);
+    }
+  }
+  return lse - s0;
+}
+
+// Pass 2 over columns [t0, t1): grad_pool[index_ik] += coef_ik a_i (dot) or -coef_ik (a_i - pool row).
+template <typename T, int64_t METRIC>
+XLT_CLONES
+void indexed_scatter(const T* __restrict anchor, const T* __restrict pool, const int64_t* __restrict idx,
+                     const bool* __restrict valid, const T* __restrict coef, int64_t B, int64_t K, int64_t d,
+                     int64_t t0, int64_t t1, T* __restrict gpool) {
+  for (int64_t i = 0; i < B; ++i) {
+    const T* a = anchor + i * d;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = i * K + k;
+      if (!valid[e]) continue;
+      const T ce = coef[e];
+      const T* c = pool + idx[e] * d;
+      T* g = gpool + idx[e] * d;
+      if (METRIC == kDot) {
+#pragma omp simd
+        for (int64_t t = t0; t < t1; ++t) g[t] += ce * a[t];
+      } else {
+#pragma omp simd
+        for (int64_t t = t0; t < t1; ++t) g[t] -= ce * (a[t] - c[t]);
+      }
+    }
+  }
+}
+
+template <typename T, int64_t METRIC>
+void indexed_impl(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& pool,
+                  const at::Tensor& index, const at::Tensor& valid, double temperature, bool need_grad,
+                  at::Tensor& row_loss, at::Tensor& grad_anchor, at::Tensor& grad_positive, at::Tensor& grad_pool) {
+  const int64_t B = anchor.size(0), d = anchor.size(1), K = index.size(1);
+  const T inv_temp = static_cast<T>(1.0 / temperature), inv_b = T(1) / static_cast<T>(B);
+  const T* a = anchor.data_ptr<T>();
+  const T* p = positive.data_ptr<T>();
+  const T* c = pool.data_ptr<T>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const bool* v = valid.data_ptr<bool>();
+  T* loss = row_loss.data_ptr<T>();
+  std::vector<T> coef(need_grad ? B * K : 0);
+  // about 32k multiply-adds per task: small problems stay on one thread
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, (K + 1) * d));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(K), dist(K);
+    for (int64_t i = begin; i < end; ++i) {
+      loss[i] = indexed_anchor<T, METRIC>(
+          a + i * d, p + i * d, c, idx + i * K, v + i * K, K, d, inv_temp, inv_b, need_grad, s.data(), dist.data(),
+          need_grad ? grad_anchor.data_ptr<T>() + i * d : nullptr,
+          need_grad ? grad_positive.data_ptr<T>() + i * d : nullptr, need_grad ? coef.data() + i * K : nullptr);
+    }
+  });
+  if (!need_grad) return;
+  // column chunks of at least 16 (a vector's worth) and about 32k multiply-adds each
+  const int64_t col_grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(1, B * K));
+  T* g = grad_pool.data_ptr<T>();
+  at::parallel_for(0, d, col_grain, [&](int64_t t0, int64_t t1) {
+    indexed_scatter<T, METRIC>(a, c, idx, v, coef.data(), B, K, d, t0, t1, g);
+  });
+}
+
+// Entry checks shared by indexed_candidate_softmax_cpu and indexed_rows_probe_cpu; returns the
+// number of pool rows. A valid entry's index must name a pool row (Python checks this first).
+int64_t check_indexed(const at::Tensor& pool, const at::Tensor& index, const at::Tensor& valid, int64_t B) {
+  check_cpu_float(pool, "pool");
+  check_dim(pool, 2, "pool");
+  check_dim(index, 2, "index");
+  TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64, got ", index.scalar_type());
+  TORCH_CHECK(valid.scalar_type() == at::kBool, "valid must be bool, got ", valid.scalar_type());
+  TORCH_CHECK(index.size(0) == B && valid.sizes() == index.sizes(), "index and valid must be (B, K) with B = ", B);
+  const int64_t P = pool.size(0);
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const bool* v = valid.data_ptr<bool>();
+  for (int64_t e = 0; e < index.numel(); ++e) {
+    TORCH_CHECK(!v[e] || (idx[e] >= 0 && idx[e] < P), "index of a valid entry must lie in [0, ", P, "), got ",
+                idx[e]);
+  }
+  return P;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexed_candidate_softmax_cpu(
+    const at::Tensor& anchor_in, const at::Tensor& positive_in, const at::Tensor& pool_in, const at::Tensor& index_in,
+    const at::Tensor& valid_in, double temperature, int64_t metric, bool need_grad) {
+  check_cpu_float(anchor_in, "anchor");
+  check_dim(anchor_in, 2, "anchor");
+  check_dim(positive_in, 2, "positive");
+  TORCH_CHECK(metric >= 0 && metric <= 2, "metric code must be 0 (dot), 1 (sqeuclidean) or 2 (euclidean)");
+  const at::Tensor anchor = anchor_in.contiguous();
+  const at::Tensor positive = positive_in.to(anchor.scalar_type()).contiguous();
+  const at::Tensor pool = pool_in.to(anchor.scalar_type()).contiguous();
+  const at::Tensor index = index_in.contiguous(), valid = valid_in.contiguous();
+  const int64_t B = anchor.size(0), d = anchor.size(1);
+  TORCH_CHECK(positive.sizes() == anchor.sizes(), "positive must have the shape of anchor (B, d)");
+  TORCH_CHECK(pool.size(1) == d, "pool must be (P, d) with the d of anchor");
+  const int64_t P = check_indexed(pool, index, valid, B);
+  at::Tensor row_loss = at::empty({B}, anchor.options());
+  at::Tensor grad_anchor = need_grad ? at::empty_like(anchor) : at::empty({0}, anchor.options());
+  at::Tensor grad_positive = need_grad ? at::empty_like(anchor) : at::empty({0}, anchor.options());
+  at::Tensor grad_pool = need_grad ? at::zeros({P, d}, anchor.options()) : at::empty({0}, anchor.options());
+  AT_DISPATCH_FLOATING_TYPES(anchor.scalar_type(), "indexed_candidate_softmax_cpu", [&] {
+    if (metric == kDot) {
+      indexed_impl<scalar_t, kDot>(anchor, positive, pool, index, valid, temperature, need_grad, row_loss,
+                                   grad_anchor, grad_positive, grad_pool);
+    } else if (metric == kSqEuclidean) {
+      indexed_impl<scalar_t, kSqEuclidean>(anchor, positive, pool, index, valid, temperature, need_grad, row_loss,
+                                           grad_anchor, grad_positive, grad_pool);
+    } else {
+      indexed_impl<scalar_t, kEuclidean>(anchor, positive, pool, index, valid, temperature, need_grad, row_loss,
+                                         grad_anchor, grad_positive, grad_pool);
+    }
+  });
+  return {row_loss.mean(), grad_anchor, grad_positive, grad_pool};
+}
+
+// The finiteness probe of negative_contrastive's check: out (B, K) = sum_t (r_t - r_t) over the row r
+// = pool[index_ik] of a valid entry (x - x is 0 for a finite x and NaN for inf or NaN, so the sum is
+// 0 exactly when the row is finite), 0 for an entry not valid. Reads only the indexed rows.
+template <typename T>
+XLT_INLINE T row_probe(const T* __restrict r, int64_t d) {
+  T z = 0;
+#pragma omp simd reduction(+ : z)
+  for (int64_t t = 0; t < d; ++t) z += r[t] - r[t];
+  return z;
+}
+
+at::Tensor indexed_rows_probe_cpu(const at::Tensor& pool_in, const at::Tensor& index_in, const at::Tensor& valid_in) {
+  const at::Tensor pool = pool_in.contiguous(), index = index_in.contiguous(), valid = valid_in.contiguous();
+  check_indexed(pool, index, valid, index.size(0));
+  const int64_t n = index.numel(), d = pool.size(1);
+  at::Tensor out = at::empty(index.sizes(), pool.options());
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const bool* v = valid.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(pool.scalar_type(), "indexed_rows_probe_cpu", [&] {
+    const scalar_t* c = pool.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d)), [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) o[e] = v[e] ? row_probe(c + idx[e] * d, d) : scalar_t(0);
+    });
+  });
+  return out;
+}
+
 // negative_learning (seed 004 eq. 1): mean_i sum_k w_ik * -log(1 - p_ik), p = softmax(z_i).
 // -log(1 - p_k) = lse(z) - lse_{j != k}(z). For k other than the row's argmax, sum_{j != k} e^{z_j - M}
 // = S - e^{z_k - M} keeps the max term (>= 1), so the subtraction loses at most a few ulps; for the
@@ -322,12 +567,17 @@ TORCH_LIBRARY_FRAGMENT(xlt_fast_C, m) {
         "float temperature, int metric, bool exclude_self, bool need_grad) -> (Tensor, Tensor, Tensor)");
   m.def("candidate_softmax(Tensor anchor, Tensor candidates, Tensor candidate_valid, float temperature, int metric, "
         "bool need_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("indexed_candidate_softmax(Tensor anchor, Tensor positive, Tensor pool, Tensor index, Tensor valid, "
+        "float temperature, int metric, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("indexed_rows_probe(Tensor pool, Tensor index, Tensor valid) -> Tensor");
   m.def("negative_learning(Tensor logits, Tensor weights, bool need_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(xlt_fast_C, CPU, m) {
   m.impl("contrastive_dense", &contrastive_dense_cpu);
   m.impl("candidate_softmax", &candidate_softmax_cpu);
+  m.impl("indexed_candidate_softmax", &indexed_candidate_softmax_cpu);
+  m.impl("indexed_rows_probe", &indexed_rows_probe_cpu);
   m.impl("negative_learning", &negative_learning_cpu);
 }
 

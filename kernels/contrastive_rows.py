@@ -4,6 +4,12 @@ candidate_softmax (seed 004 eq. 6): anchor i against its own K + 1 candidates (t
 first): loss_i = logsumexp_{valid k} s_ik - s_i0; one program per anchor, distances by explicit
 differences; a second pass over d writes the gradients for the weight 1 / B.
 
+indexed_candidate_softmax: the same loss with the negatives given as indices (B, K) into a pool
+(P, d), read by index and never gathered; arithmetic in the input dtype (fp32 or fp64). One program
+per anchor forms the loss, the anchor's and the positive's gradients and each negative's weight;
+the pool gradient is then summed per pool row (a segment of the contributions sorted by row, stable)
+by one program per (row, d block): every entry is written once, in a fixed order, without atomics.
+
 negative_learning (seed 004 eq. 1): loss_i = sum_k w_ik (lse(z_i) - lse_{j != k}(z_i)), with
 sum_{j != k} e^{z_j - max} = S - e^{z_k - max} except at the argmax, where it is summed directly.
 """
@@ -80,6 +86,133 @@ def candidate_softmax(anchor, cands, valid, temperature: float, metric: int, nee
                                     1.0 / B, METRIC=metric, NEED_GRAD=need_grad,
                                     BLOCK_K=max(triton.next_power_of_2(K1), 2), BLOCK_D=64)
     return row_loss.mean().to(anchor.dtype), ga.to(anchor.dtype), gc.to(anchor.dtype)
+
+
+@triton.jit
+def _indexed_softmax_kernel(a_ptr, p_ptr, pool_ptr, idx_ptr, valid_ptr, scal_ptr, loss_ptr, ga_ptr, gp_ptr, coef_ptr,
+                            K, d, METRIC: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    dtype = a_ptr.dtype.element_ty
+    inv_temp = tl.load(scal_ptr)  # 1 / tau and 1 / B in the input dtype (a float argument would be fp32)
+    inv_b = tl.load(scal_ptr + 1)
+    rk = tl.arange(0, BLOCK_K)
+    valid = tl.load(valid_ptr + i * K + rk, mask=rk < K, other=0) != 0
+    rows = tl.load(idx_ptr + i * K + rk, mask=valid, other=0).to(tl.int64)  # a masked entry's row is never read
+    a_row = a_ptr + i * d
+    p_row = p_ptr + i * d
+    acc = tl.zeros((BLOCK_K,), dtype=dtype)
+    acc0 = tl.zeros((BLOCK_D,), dtype=dtype)
+    for d0 in range(0, d, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        a = tl.load(a_row + rd, mask=rd < d, other=0.0)
+        p = tl.load(p_row + rd, mask=rd < d, other=0.0)
+        c = tl.load(pool_ptr + rows[:, None] * d + rd[None, :], mask=valid[:, None] & (rd[None, :] < d), other=0.0)
+        if METRIC == 0:
+            acc0 += a * p
+            acc += tl.sum(a[None, :] * c, axis=1)
+        else:
+            acc0 += (a - p) * (a - p)
+            diff = a[None, :] - c
+            acc += tl.sum(diff * diff, axis=1)
+    acc0_sum = tl.sum(acc0, axis=0)
+    if METRIC == 0:
+        dist, dist0 = acc, acc0_sum
+        s, s0 = acc * inv_temp, acc0_sum * inv_temp
+    else:
+        dist, dist0 = acc, acc0_sum
+        if METRIC == 2:
+            dist, dist0 = tl.sqrt(acc), tl.sqrt(acc0_sum)
+        s, s0 = -dist * inv_temp, -dist0 * inv_temp
+    mx = tl.max(tl.where(valid, s, s0), axis=0)  # over the positive (always a candidate) and the valid negatives
+    total = tl.exp(s0 - mx) + tl.sum(tl.where(valid, tl.exp(s - mx), 0.0), axis=0)
+    lse = mx + tl.log(total)
+    tl.store(loss_ptr + i, lse - s0)
+    if NEED_GRAD:
+        # dL/ds_k = p_k for the negatives, p_0 - 1 = -sum_k p_k for the positive (exact 0 without negatives)
+        pk = tl.where(valid, tl.exp(s - lse), 0.0)
+        w = pk * inv_temp * inv_b
+        w0 = -tl.sum(pk, axis=0) * inv_temp * inv_b
+        if METRIC == 0:
+            coef, c0 = w, w0
+        elif METRIC == 1:
+            coef, c0 = -2.0 * w, -2.0 * w0
+        else:  # -(a - c) / |a - c|, 0 at a = c
+            coef = tl.where(valid & (dist > 0), -w / tl.where(dist > 0, dist, 1.0), 0.0)
+            c0 = tl.where(dist0 > 0, -w0 / tl.where(dist0 > 0, dist0, 1.0), 0.0)
+        tl.store(coef_ptr + i * K + rk, coef, mask=rk < K)
+        for d0 in range(0, d, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            a = tl.load(a_row + rd, mask=rd < d, other=0.0)
+            p = tl.load(p_row + rd, mask=rd < d, other=0.0)
+            c = tl.load(pool_ptr + rows[:, None] * d + rd[None, :], mask=valid[:, None] & (rd[None, :] < d),
+                        other=0.0)
+            if METRIC == 0:
+                ga = c0 * p + tl.sum(coef[:, None] * c, axis=0)
+                gp = c0 * a
+            else:
+                ga = c0 * (a - p) + tl.sum(coef[:, None] * (a[None, :] - c), axis=0)
+                gp = -c0 * (a - p)
+            tl.store(ga_ptr + i * d + rd, ga, mask=rd < d)
+            tl.store(gp_ptr + i * d + rd, gp, mask=rd < d)
+
+
+@triton.jit
+def _pool_grad_segments_kernel(a_ptr, pool_ptr, coef_ptr, order_ptr, starts_ptr, gpool_ptr, K, d,
+                               METRIC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pool row j, columns of block 1: its contributions are order[starts[j]:starts[j + 1]] (flat
+    indices i * K + k), summed in that order. dot: sum w a_i; distances: (sum w) row_j - sum w a_i."""
+    j = tl.program_id(0).to(tl.int64)
+    rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dtype = a_ptr.dtype.element_ty
+    start = tl.load(starts_ptr + j)
+    end = tl.load(starts_ptr + j + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=dtype)
+    wsum = tl.zeros((BLOCK_D,), dtype=dtype)
+    for t in range(start, end):
+        e = tl.load(order_ptr + t)
+        w = tl.load(coef_ptr + e)
+        acc += w * tl.load(a_ptr + (e // K) * d + rd, mask=rd < d, other=0.0)
+        wsum += w
+    if METRIC == 0:
+        g = acc
+    else:
+        # the row is read only when a real negative uses it (an unused row may hold anything)
+        g = wsum * tl.load(pool_ptr + j * d + rd, mask=(rd < d) & (end > start), other=0.0) - acc
+    tl.store(gpool_ptr + j * d + rd, g, mask=rd < d)
+
+
+def indexed_candidate_softmax(anchor, positive, pool, index, valid, temperature: float, metric: int,
+                              need_grad: bool):
+    """``(loss, grad_anchor, grad_positive, grad_pool)`` for fp32 or fp64 rows; the gradients are empty
+    without ``need_grad``. ``index (B, K)`` int64 rows of ``pool``, read only where ``valid``."""
+    anchor, positive, pool = anchor.contiguous(), positive.contiguous(), pool.contiguous()
+    index, valid = index.contiguous(), valid.contiguous()
+    B, K = index.shape
+    P, d = pool.shape
+    dev, dtype = anchor.device, anchor.dtype
+    scal = torch.tensor([1.0 / temperature, 1.0 / B], dtype=dtype, device=dev)
+    row_loss = torch.empty(B, device=dev, dtype=dtype)
+
+    def grad_buffer(*shape):
+        return torch.empty(shape if need_grad else (0,), device=dev, dtype=dtype)
+
+    ga, gp, coef = grad_buffer(B, d), grad_buffer(B, d), grad_buffer(B, K)
+    block_k = max(triton.next_power_of_2(K), 2)
+    block_d = max(16, min(64, 4096 // block_k))
+    _indexed_softmax_kernel[(B,)](anchor, positive, pool, index, valid, scal, row_loss, ga, gp, coef, K, d,
+                                  METRIC=metric, NEED_GRAD=need_grad, BLOCK_K=block_k, BLOCK_D=block_d)
+    loss = row_loss.mean()
+    if not need_grad:  # distinct empty tensors (a custom op's outputs may not alias each other)
+        return loss, ga, gp, anchor.new_empty(0)
+    # contributions sorted by pool row (masked entries get the key P and sort past every segment)
+    keys = torch.where(valid, index, P).flatten()
+    order = torch.argsort(keys, stable=True)
+    starts = torch.searchsorted(keys[order], torch.arange(P + 1, device=dev, dtype=keys.dtype))
+    gpool = torch.empty(P, d, device=dev, dtype=dtype)
+    _pool_grad_segments_kernel[(P, triton.cdiv(d, 64))](anchor, pool, coef, order, starts, gpool, K, d,
+                                                         METRIC=metric, BLOCK_D=64)
+    return loss, ga, gp, gpool
 
 
 @triton.jit

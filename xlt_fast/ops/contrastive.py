@@ -3,13 +3,16 @@
 
 Kernels: the C++ CPU kernels form loss and input gradients in one pass (backward is a scale);
 the Triton kernels tile the logits with an online logsumexp (memory O((N + M) d), never N x M)
-and recompute tiles in backward. Cosine arrives at the kernels as unit rows with the dot metric;
-distance metrics as centred rows (distances are translation invariant; centring shrinks the
-norms that the |a|^2 + |c|^2 - 2<a, c> expansion cancels against).
+and recompute tiles in backward. negative_contrastive with integer negatives reads the pool rows
+by index on both kernel backends (never a (B, K, d) gather) and returns the pool's gradient dense.
+Cosine arrives at the kernels as unit rows with the dot metric; distance metrics as centred rows
+for info_nce and supcon (distances are translation invariant; centring shrinks the norms that the
+|a|^2 + |c|^2 - 2<a, c> expansion cancels against), while negative_contrastive's kernels take
+explicit differences.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -247,6 +250,48 @@ def _(anchor, candidates, candidate_valid, temperature, metric, need_grad, backe
 _register_precomputed_grad(candidate_softmax, 7)
 
 
+@torch.library.custom_op("xlt_fast::indexed_candidate_softmax", mutates_args=())
+def indexed_candidate_softmax(anchor: Tensor, positive: Tensor, pool: Tensor, index: Tensor, valid: Tensor,
+                              temperature: float, metric: int, need_grad: bool, backend: str
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``candidate_softmax`` with the negatives as rows of ``pool (P, d)`` read by ``index (B, K)``
+    (int64) where ``valid (B, K)``, never gathered (an entry not valid is never read: its index may be
+    anything). Returns ``(loss, dloss/danchor, dloss/dpositive, dloss/dpool)``, the gradients empty
+    without ``need_grad``; ``pool`` may be the tensor ``positive`` (autograd sums both gradients).
+    CPU: pass 1 over anchors, then the pool gradient scattered by column chunks (deterministic).
+    Triton: one program per anchor, then a sorted segment sum per pool row (deterministic, no atomics)."""
+    if backend == "triton":
+        from xlt_fast.kernels.contrastive_rows import indexed_candidate_softmax as kernel
+
+        return kernel(anchor, positive, pool, index, valid, temperature, metric, need_grad)
+    return _backend.extension().indexed_candidate_softmax(anchor, positive, pool, index, valid, temperature, metric,
+                                                          need_grad)
+
+
+@indexed_candidate_softmax.register_fake
+def _(anchor, positive, pool, index, valid, temperature, metric, need_grad, backend):
+    return (anchor.new_empty(()), _grad_or_empty(need_grad, anchor, anchor.shape),
+            _grad_or_empty(need_grad, positive, positive.shape), _grad_or_empty(need_grad, pool, pool.shape))
+
+
+_register_precomputed_grad(indexed_candidate_softmax, 9)
+
+
+def _indexed_rows_probe(pool: Tensor, idx: Tensor, valid: Tensor, kind: str) -> Tensor:
+    """``(B, K)``: 0 where the entry is not valid or its pool row is finite, NaN where a valid entry's
+    row holds NaN or inf (for ``Checks.finite``), without gathering the rows. Entries whose index is
+    out of range are reported by the range check and read as 0 here."""
+    pool = pool.detach()
+    if pool.dtype in (torch.float16, torch.bfloat16):
+        pool = pool.float()
+    in_range = valid & (idx >= 0) & (idx < pool.shape[0])
+    if kind == "cpu":  # reads only the indexed rows
+        return _backend.extension().indexed_rows_probe(pool, idx, in_range)
+    row_ok = torch.isfinite(pool).all(1)
+    ok = row_ok[idx.clamp(0, pool.shape[0] - 1)] | ~in_range
+    return torch.where(ok, 0.0, float("nan"))
+
+
 def negative_contrastive(anchor: Tensor, positive: Tensor, negatives: Tensor, temperature: float = 0.05,
                          metric: str = "euclidean", *, pool: Optional[Tensor] = None,
                          negative_mask: Optional[Tensor] = None, check_finite: bool = True,
@@ -258,9 +303,18 @@ def negative_contrastive(anchor: Tensor, positive: Tensor, negatives: Tensor, te
     N_i (samples whose pseudo-label is a complementary label of i, eq. 5) given either as
     ``(B, K, d)`` features or as integer indices ``(B, K)`` into ``pool (P, d)`` (default: ``positive``,
     i.e. the other samples' second views as in eq. 6). ``negative_mask (B, K)`` marks real negatives
-    (the others are never read: their features or pool rows may hold anything). A bool membership
-    matrix is not accepted as ``negatives`` (it would read as indices 0 and 1).
+    (the others are never read: their features or pool rows may hold anything, and their indices
+    need not lie in range). An anchor without any real negative has loss 0 and no gradient. A bool
+    membership matrix is not accepted as ``negatives`` (it would read as indices 0 and 1).
     Default metric euclidean: the paper uses euclidean distance for eq. 6 (after Snell et al.).
+
+    Backends with integer negatives: ``cpu`` (C++) and ``triton`` (GPU) read the pool rows by index,
+    never forming the ``(B, K, d)`` gathered negatives, and return the pool's gradient as a dense
+    ``(P, d)`` tensor (several uses of a row add up); ``cpu`` scatters it by column chunks, ``triton``
+    sums each pool row's contributions sorted by row (a segment sum); both are deterministic.
+    ``reference`` gathers ``pool[negatives]`` and runs eager PyTorch. With feature negatives every
+    backend takes the ``(B, K, d)`` tensor as given. ``pool`` may require grad, and may be the tensor
+    ``positive`` (the default), whose gradient then sums both uses.
     """
     op = "negative_contrastive"
     _rows(anchor, "anchor", op)
@@ -268,20 +322,21 @@ def negative_contrastive(anchor: Tensor, positive: Tensor, negatives: Tensor, te
     V.same_dtype_device(op, anchor=anchor, positive=positive)
     B, d = anchor.shape
     if positive.shape != anchor.shape:
-        raise ValueError(f"{op}: positive must have the shape of anchor {tuple(anchor.shape)}, got {tuple(positive.shape)}")
+        raise ValueError(f"{op}: positive must have the shape of anchor {tuple(anchor.shape)}, "
+                         f"got {tuple(positive.shape)}")
     if not isinstance(negatives, Tensor) or negatives.dtype == torch.bool or negatives.dtype.is_complex:
         raise TypeError(f"{op}: negatives must be a float tensor of points (B, K, d) or integer indices (B, K) into "
                         f"pool, got {getattr(negatives, 'dtype', type(negatives).__name__)}")
     if negatives.dim() >= 2 and negative_mask is not None:
         negative_mask = _bool_mask(negative_mask, B, negatives.shape[1], op)
     checks = V.Checks(op, check_finite)
-    if negatives.dtype.is_floating_point:
+    indexed = not negatives.dtype.is_floating_point
+    if not indexed:
         if pool is not None:
             raise ValueError(f"{op}: pool is only used with integer negatives (indices), got feature negatives")
         if negatives.dim() != 3 or negatives.shape[0] != B or negatives.shape[2] != d:
             raise ValueError(f"{op}: negatives must have shape ({B}, K, {d}), got {tuple(negatives.shape)}")
         V.same_dtype_device(op, anchor=anchor, negatives=negatives)
-        neg = negatives
     else:
         pool = positive if pool is None else pool
         _rows(pool, "pool", op)
@@ -295,14 +350,25 @@ def negative_contrastive(anchor: Tensor, positive: Tensor, negatives: Tensor, te
         if negative_mask is not None:  # masked-out indices may be anything
             out_of_range &= negative_mask
         checks.add(out_of_range.any(), f"negative indices must lie in [0, {pool.shape[0]}) (rows of pool)")
-        neg = pool[idx.clamp(0, pool.shape[0] - 1)]
-    K = neg.shape[1]
+    K = negatives.shape[1]
     temperature = V.positive(temperature, "temperature", op)
     V.choice(metric, "metric", METRICS, op)
     kind = _backend.resolve(backend, anchor.device, op, gpu_default="triton", available=_KERNELS)
     checks.finite("anchor", anchor)
     checks.finite("positive", positive)
-    checks.finite("negatives" if pool is None else "pool (a row a real negative indexes)", neg, negative_mask)
+    pool_name = "pool (a row a real negative indexes)"
+    if indexed and kind != "reference":  # the kernels read the pool rows by index
+        valid = torch.ones(B, K, dtype=torch.bool, device=anchor.device) if negative_mask is None else negative_mask
+        if check_finite and V.data_checks(pool):
+            checks.finite(pool_name, _indexed_rows_probe(pool, idx, valid, kind), negative_mask)
+        checks.run()
+        return _indexed_loss(anchor, positive, pool, idx, valid, temperature, metric, kind)
+    if indexed:  # the reference gathers
+        neg = pool[idx.clamp(0, pool.shape[0] - 1)]
+        checks.finite(pool_name, neg, negative_mask)
+    else:
+        neg = negatives
+        checks.finite("negatives", neg, negative_mask)
     checks.run()
     neg = V.masked(neg, negative_mask)  # no backend reads a masked-out negative
     if kind == "reference":
@@ -319,6 +385,24 @@ def negative_contrastive(anchor: Tensor, positive: Tensor, negatives: Tensor, te
         valid[:, 1:] = negative_mask
     need_grad = torch.is_grad_enabled() and (a.requires_grad or cands.requires_grad)
     loss = candidate_softmax(a, cands, valid, temperature, _METRIC_CODE[metric], need_grad, kind)[0]
+    return loss.to(dtype)
+
+
+def _indexed_loss(anchor: Tensor, positive: Tensor, pool: Tensor, idx: Tensor, valid: Tensor, temperature: float,
+                  metric: str, kind: str) -> Tensor:
+    """negative_contrastive with integer negatives on a kernel backend: fp32/fp64 rows (unit rows for
+    cosine), the pool kept as the same tensor as positive when it is one."""
+    dtype = anchor.dtype
+    same = pool is positive
+    a, p, c = anchor, positive, pool
+    if dtype in (torch.float16, torch.bfloat16):
+        a, p = a.float(), p.float()
+        c = p if same else c.float()
+    if metric == "cosine":
+        a, p = unit_rows(a), unit_rows(p)
+        c = p if same else unit_rows(c)
+    need_grad = torch.is_grad_enabled() and (a.requires_grad or p.requires_grad or c.requires_grad)
+    loss = indexed_candidate_softmax(a, p, c, idx, valid, temperature, _METRIC_CODE[metric], need_grad, kind)[0]
     return loss.to(dtype)
 
 
@@ -363,7 +447,8 @@ def negative_learning(logits: Tensor, complementary_labels: Tensor, *, check_fin
     op = "negative_learning"
     V.floating(logits, "logits", op)
     if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
-        raise ValueError(f"{op}: logits must have shape (B, C) with B >= 1 and C >= 2 classes, got {tuple(logits.shape)}")
+        raise ValueError(f"{op}: logits must have shape (B, C) with B >= 1 and C >= 2 classes, "
+                         f"got {tuple(logits.shape)}")
     B, C = logits.shape
     y = complementary_labels
     if not isinstance(y, Tensor):
@@ -381,7 +466,8 @@ def negative_learning(logits: Tensor, complementary_labels: Tensor, *, check_fin
         if tuple(y.shape) != (B, C):
             raise ValueError(f"{op}: complementary_labels weights must have shape ({B}, {C}), got {tuple(y.shape)}")
         weights = y.to(device=logits.device, dtype=logits.dtype)
-        checks.add(~((weights >= 0) & torch.isfinite(weights)).all(), "complementary_labels weights must be finite and >= 0")
+        checks.add(~((weights >= 0) & torch.isfinite(weights)).all(),
+                   "complementary_labels weights must be finite and >= 0")
         checks.run()
     else:
         raise ValueError(f"{op}: complementary_labels must be integer ({B},) or weights ({B}, {C}), "
