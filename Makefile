@@ -29,7 +29,7 @@ setup: $(VENV)/.deps $(VENV)/.assets
 install: setup
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
-# The main job: the papers' key claims, quick mode (IWDA, WordOT, WCA, the Real-NVP simulation and real data: about 3-5 minutes each on 2 cores).
+# The main job: the papers' key claims, quick mode (IWDA, WordOT, WCA, the Real-NVP simulation and real data, CoNLST: about 1-6 minutes each on 2 cores with a warm feature cache).
 reproduce: install
 	$(VENV)/bin/xlt-fast reproduce --quick --output_dir reproduce
 
