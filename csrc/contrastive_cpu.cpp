@@ -262,10 +262,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> candidate_softmax_cpu(
 // index, never gathered. anchor a (B, d), positive p (B, d), pool (P, d), index (B, K) int64 and
 // valid (B, K): s_i0 = sim(a_i, p_i) / tau, s_ik = sim(a_i, pool[index_ik]) / tau for valid k,
 // loss_i = logsumexp_{0, valid k} s_i - s_i0 (0 when no negative is valid), the op returns the mean.
-// Pass 1 (parallel over anchors) forms the loss, dL/dsim per candidate and the gradients of a and p,
-// and keeps each negative's coefficient; pass 2 scatters the pool gradient, parallel over column
-// chunks of d with every chunk visiting all (i, k) in order: race-free, and the same sums in the same
-// order for any thread count. Entries with valid False are never read (their index may be anything).
+// Pass 1 (parallel over anchors; forward) forms the loss, the gradients of a and p and each
+// negative's coefficient w_ik (dL/dsim_ik times the metric's factor, so that the pool row's gradient
+// is w_ik a_i for dot and -w_ik (a_i - row) for the distances). Pass 2 (indexed_pool_grad; backward,
+// with the upstream scale) scatters the pool gradient into a zeroed (P, d) tensor, parallel over
+// column chunks of d with every chunk visiting all (i, k) in order: race-free, and the same sums in
+// the same order for any thread count. Entries with valid False are never read (any index).
 
 // The similarity accumulator: <a, c> (dot) or |a - c|^2 (distance metrics), by explicit differences.
 template <typename T, int64_t METRIC>
@@ -290,9 +292,10 @@ XLT_INLINE T indexed_logit(const T* __restrict a, const T* __restrict c, int64_t
   return -dist * inv_temp;
 }
 
-// dsim/da = coef-scaled c (dot) or (a - c) (distances): the factor a candidate's weight w = dL/dsim
-// turns into. sqeuclidean: sim = -D, dsim/da = -2 (a - c); euclidean: sim = -sqrt(D), dsim/da =
-// -(a - c) / sqrt(D) (0 at D = 0, the convention of candidate_softmax_cpu).
+// A candidate's coefficient from its weight w = dL/dsim: the anchor's gradient gains coef * c (dot)
+// or coef * (a - c) (distances), the candidate's the opposite share. sqeuclidean: sim = -D, dsim/da =
+// -2 (a - c); euclidean: sim = -sqrt(D), dsim/da = -(a - c) / sqrt(D) (0 at D = 0, the convention of
+// candidate_softmax_cpu).
 template <typename T, int64_t METRIC>
 XLT_INLINE T metric_coef(T w, T dist) {
   if (METRIC == kDot) return w;
@@ -362,18 +365,18 @@ T indexed_anchor(const T* __restrict a, const T* __restrict p, const T* __restri
   return lse - s0;
 }
 
-// Pass 2 over columns [t0, t1): grad_pool[index_ik] += coef_ik a_i (dot) or -coef_ik (a_i - pool row).
+// Pass 2 over columns [t0, t1): grad_pool[index_ik] += scale w_ik a_i (dot) or -scale w_ik (a_i - row).
 template <typename T, int64_t METRIC>
 XLT_CLONES
 void indexed_scatter(const T* __restrict anchor, const T* __restrict pool, const int64_t* __restrict idx,
-                     const bool* __restrict valid, const T* __restrict coef, int64_t B, int64_t K, int64_t d,
-                     int64_t t0, int64_t t1, T* __restrict gpool) {
+                     const bool* __restrict valid, const T* __restrict coef, T scale, int64_t B, int64_t K,
+                     int64_t d, int64_t t0, int64_t t1, T* __restrict gpool) {
   for (int64_t i = 0; i < B; ++i) {
     const T* a = anchor + i * d;
     for (int64_t k = 0; k < K; ++k) {
       const int64_t e = i * K + k;
       if (!valid[e]) continue;
-      const T ce = coef[e];
+      const T ce = coef[e] * scale;
       const T* c = pool + idx[e] * d;
       T* g = gpool + idx[e] * d;
       if (METRIC == kDot) {
@@ -388,9 +391,9 @@ void indexed_scatter(const T* __restrict anchor, const T* __restrict pool, const
 }
 
 template <typename T, int64_t METRIC>
-void indexed_impl(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& pool,
-                  const at::Tensor& index, const at::Tensor& valid, double temperature, bool need_grad,
-                  at::Tensor& row_loss, at::Tensor& grad_anchor, at::Tensor& grad_positive, at::Tensor& grad_pool) {
+void indexed_pass1(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& pool,
+                   const at::Tensor& index, const at::Tensor& valid, double temperature, bool need_grad,
+                   at::Tensor& row_loss, at::Tensor& grad_anchor, at::Tensor& grad_positive, at::Tensor& coef) {
   const int64_t B = anchor.size(0), d = anchor.size(1), K = index.size(1);
   const T inv_temp = static_cast<T>(1.0 / temperature), inv_b = T(1) / static_cast<T>(B);
   const T* a = anchor.data_ptr<T>();
@@ -399,7 +402,6 @@ void indexed_impl(const at::Tensor& anchor, const at::Tensor& positive, const at
   const int64_t* idx = index.data_ptr<int64_t>();
   const bool* v = valid.data_ptr<bool>();
   T* loss = row_loss.data_ptr<T>();
-  std::vector<T> coef(need_grad ? B * K : 0);
   // about 32k multiply-adds per task: small problems stay on one thread
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, (K + 1) * d));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
@@ -408,20 +410,13 @@ void indexed_impl(const at::Tensor& anchor, const at::Tensor& positive, const at
       loss[i] = indexed_anchor<T, METRIC>(
           a + i * d, p + i * d, c, idx + i * K, v + i * K, K, d, inv_temp, inv_b, need_grad, s.data(), dist.data(),
           need_grad ? grad_anchor.data_ptr<T>() + i * d : nullptr,
-          need_grad ? grad_positive.data_ptr<T>() + i * d : nullptr, need_grad ? coef.data() + i * K : nullptr);
+          need_grad ? grad_positive.data_ptr<T>() + i * d : nullptr, need_grad ? coef.data_ptr<T>() + i * K : nullptr);
     }
-  });
-  if (!need_grad) return;
-  // column chunks of at least 16 (a vector's worth) and about 32k multiply-adds each
-  const int64_t col_grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(1, B * K));
-  T* g = grad_pool.data_ptr<T>();
-  at::parallel_for(0, d, col_grain, [&](int64_t t0, int64_t t1) {
-    indexed_scatter<T, METRIC>(a, c, idx, v, coef.data(), B, K, d, t0, t1, g);
   });
 }
 
-// Entry checks shared by indexed_candidate_softmax_cpu and indexed_rows_probe_cpu; returns the
-// number of pool rows. A valid entry's index must name a pool row (Python checks this first).
+// Entry checks shared by the indexed ops; returns the number of pool rows. A valid entry's index must
+// name a pool row (negative_contrastive checks this first, with its own message).
 int64_t check_indexed(const at::Tensor& pool, const at::Tensor& index, const at::Tensor& valid, int64_t B) {
   check_cpu_float(pool, "pool");
   check_dim(pool, 2, "pool");
@@ -439,6 +434,7 @@ int64_t check_indexed(const at::Tensor& pool, const at::Tensor& index, const at:
   return P;
 }
 
+// Pass 1: (loss, grad_anchor, grad_positive, coef (B, K)); the gradients and coef empty without need_grad.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexed_candidate_softmax_cpu(
     const at::Tensor& anchor_in, const at::Tensor& positive_in, const at::Tensor& pool_in, const at::Tensor& index_in,
     const at::Tensor& valid_in, double temperature, int64_t metric, bool need_grad) {
@@ -450,27 +446,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> indexed_candidate_sof
   const at::Tensor positive = positive_in.to(anchor.scalar_type()).contiguous();
   const at::Tensor pool = pool_in.to(anchor.scalar_type()).contiguous();
   const at::Tensor index = index_in.contiguous(), valid = valid_in.contiguous();
-  const int64_t B = anchor.size(0), d = anchor.size(1);
+  const int64_t B = anchor.size(0), K = index.size(1);
   TORCH_CHECK(positive.sizes() == anchor.sizes(), "positive must have the shape of anchor (B, d)");
-  TORCH_CHECK(pool.size(1) == d, "pool must be (P, d) with the d of anchor");
-  const int64_t P = check_indexed(pool, index, valid, B);
+  TORCH_CHECK(pool.dim() == 2 && pool.size(1) == anchor.size(1), "pool must be (P, d) with the d of anchor");
+  check_indexed(pool, index, valid, B);
   at::Tensor row_loss = at::empty({B}, anchor.options());
   at::Tensor grad_anchor = need_grad ? at::empty_like(anchor) : at::empty({0}, anchor.options());
   at::Tensor grad_positive = need_grad ? at::empty_like(anchor) : at::empty({0}, anchor.options());
-  at::Tensor grad_pool = need_grad ? at::zeros({P, d}, anchor.options()) : at::empty({0}, anchor.options());
+  at::Tensor coef = need_grad ? at::empty({B, K}, anchor.options()) : at::empty({0}, anchor.options());
   AT_DISPATCH_FLOATING_TYPES(anchor.scalar_type(), "indexed_candidate_softmax_cpu", [&] {
     if (metric == kDot) {
-      indexed_impl<scalar_t, kDot>(anchor, positive, pool, index, valid, temperature, need_grad, row_loss,
-                                   grad_anchor, grad_positive, grad_pool);
+      indexed_pass1<scalar_t, kDot>(anchor, positive, pool, index, valid, temperature, need_grad, row_loss,
+                                    grad_anchor, grad_positive, coef);
     } else if (metric == kSqEuclidean) {
-      indexed_impl<scalar_t, kSqEuclidean>(anchor, positive, pool, index, valid, temperature, need_grad, row_loss,
-                                           grad_anchor, grad_positive, grad_pool);
+      indexed_pass1<scalar_t, kSqEuclidean>(anchor, positive, pool, index, valid, temperature, need_grad, row_loss,
+                                            grad_anchor, grad_positive, coef);
     } else {
-      indexed_impl<scalar_t, kEuclidean>(anchor, positive, pool, index, valid, temperature, need_grad, row_loss,
-                                         grad_anchor, grad_positive, grad_pool);
+      indexed_pass1<scalar_t, kEuclidean>(anchor, positive, pool, index, valid, temperature, need_grad, row_loss,
+                                          grad_anchor, grad_positive, coef);
     }
   });
-  return {row_loss.mean(), grad_anchor, grad_positive, grad_pool};
+  return {row_loss.mean(), grad_anchor, grad_positive, coef};
+}
+
+// Pass 2: the pool gradient (P, d) for the upstream gradient `scale` (a 0-dim tensor) from pass 1's coef.
+at::Tensor indexed_pool_grad_cpu(const at::Tensor& anchor_in, const at::Tensor& pool_in, const at::Tensor& index_in,
+                                 const at::Tensor& valid_in, const at::Tensor& coef_in, const at::Tensor& scale,
+                                 int64_t metric) {
+  check_cpu_float(anchor_in, "anchor");
+  check_dim(anchor_in, 2, "anchor");
+  TORCH_CHECK(metric >= 0 && metric <= 2, "metric code must be 0 (dot), 1 (sqeuclidean) or 2 (euclidean)");
+  const at::Tensor anchor = anchor_in.contiguous();
+  const at::Tensor pool = pool_in.to(anchor.scalar_type()).contiguous();
+  const at::Tensor index = index_in.contiguous(), valid = valid_in.contiguous();
+  const at::Tensor coef = coef_in.to(anchor.scalar_type()).contiguous();
+  const int64_t B = anchor.size(0), d = anchor.size(1), K = index.size(1);
+  TORCH_CHECK(pool.dim() == 2 && pool.size(1) == d, "pool must be (P, d) with the d of anchor");
+  const int64_t P = check_indexed(pool, index, valid, B);
+  TORCH_CHECK(coef.sizes() == index.sizes(), "coef must be (B, K) like index");
+  TORCH_CHECK(scale.numel() == 1, "scale must hold one value");
+  at::Tensor grad_pool = at::zeros({P, d}, anchor.options());
+  AT_DISPATCH_FLOATING_TYPES(anchor.scalar_type(), "indexed_pool_grad_cpu", [&] {
+    const scalar_t sc = scale.item().to<scalar_t>();
+    const scalar_t* a = anchor.data_ptr<scalar_t>();
+    const scalar_t* c = pool.data_ptr<scalar_t>();
+    const scalar_t* w = coef.data_ptr<scalar_t>();
+    const int64_t* idx = index.data_ptr<int64_t>();
+    const bool* v = valid.data_ptr<bool>();
+    scalar_t* g = grad_pool.data_ptr<scalar_t>();
+    // column chunks of at least 16 (a vector's worth) and about 32k multiply-adds each
+    const int64_t col_grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(1, B * K));
+    at::parallel_for(0, d, col_grain, [&](int64_t t0, int64_t t1) {
+      if (metric == kDot) {
+        indexed_scatter<scalar_t, kDot>(a, c, idx, v, w, sc, B, K, d, t0, t1, g);
+      } else {  // both distances: -w (a - row)
+        indexed_scatter<scalar_t, kSqEuclidean>(a, c, idx, v, w, sc, B, K, d, t0, t1, g);
+      }
+    });
+  });
+  return grad_pool;
 }
 
 // The finiteness probe of negative_contrastive's check: out (B, K) = sum_t (r_t - r_t) over the row r
@@ -569,6 +603,8 @@ TORCH_LIBRARY_FRAGMENT(xlt_fast_C, m) {
         "bool need_grad) -> (Tensor, Tensor, Tensor)");
   m.def("indexed_candidate_softmax(Tensor anchor, Tensor positive, Tensor pool, Tensor index, Tensor valid, "
         "float temperature, int metric, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("indexed_pool_grad(Tensor anchor, Tensor pool, Tensor index, Tensor valid, Tensor coef, Tensor scale, "
+        "int metric) -> Tensor");
   m.def("indexed_rows_probe(Tensor pool, Tensor index, Tensor valid) -> Tensor");
   m.def("negative_learning(Tensor logits, Tensor weights, bool need_grad) -> (Tensor, Tensor)");
 }
@@ -577,6 +613,7 @@ TORCH_LIBRARY_IMPL(xlt_fast_C, CPU, m) {
   m.impl("contrastive_dense", &contrastive_dense_cpu);
   m.impl("candidate_softmax", &candidate_softmax_cpu);
   m.impl("indexed_candidate_softmax", &indexed_candidate_softmax_cpu);
+  m.impl("indexed_pool_grad", &indexed_pool_grad_cpu);
   m.impl("indexed_rows_probe", &indexed_rows_probe_cpu);
   m.impl("negative_learning", &negative_learning_cpu);
 }

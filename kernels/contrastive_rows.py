@@ -6,9 +6,10 @@ differences; a second pass over d writes the gradients for the weight 1 / B.
 
 indexed_candidate_softmax: the same loss with the negatives given as indices (B, K) into a pool
 (P, d), read by index and never gathered; arithmetic in the input dtype (fp32 or fp64). One program
-per anchor forms the loss, the anchor's and the positive's gradients and each negative's weight;
-the pool gradient is then summed per pool row (a segment of the contributions sorted by row, stable)
-by one program per (row, d block): every entry is written once, in a fixed order, without atomics.
+per anchor forms the loss, the anchor's and the positive's gradients and each negative's coefficient
+(forward). indexed_pool_grad (backward) sums the pool gradient per pool row, over that row's segment
+of the contributions sorted by row (stable), one program per (row, d block): every entry is written
+once, in a fixed order, without atomics.
 
 negative_learning (seed 004 eq. 1): loss_i = sum_k w_ik (lse(z_i) - lse_{j != k}(z_i)), with
 sum_{j != k} e^{z_j - max} = S - e^{z_k - max} except at the argmax, where it is summed directly.
@@ -158,13 +159,15 @@ def _indexed_softmax_kernel(a_ptr, p_ptr, pool_ptr, idx_ptr, valid_ptr, scal_ptr
 
 
 @triton.jit
-def _pool_grad_segments_kernel(a_ptr, pool_ptr, coef_ptr, order_ptr, starts_ptr, gpool_ptr, K, d,
+def _pool_grad_segments_kernel(a_ptr, pool_ptr, coef_ptr, order_ptr, starts_ptr, scale_ptr, gpool_ptr, K, d,
                                METRIC: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pool row j, columns of block 1: its contributions are order[starts[j]:starts[j + 1]] (flat
-    indices i * K + k), summed in that order. dot: sum w a_i; distances: (sum w) row_j - sum w a_i."""
+    indices i * K + k), summed in that order. dot: sum w a_i; distances: (sum w) row_j - sum w a_i;
+    times the upstream gradient."""
     j = tl.program_id(0).to(tl.int64)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dtype = a_ptr.dtype.element_ty
+    scale = tl.load(scale_ptr).to(dtype)
     start = tl.load(starts_ptr + j)
     end = tl.load(starts_ptr + j + 1)
     acc = tl.zeros((BLOCK_D,), dtype=dtype)
@@ -179,22 +182,22 @@ def _pool_grad_segments_kernel(a_ptr, pool_ptr, coef_ptr, order_ptr, starts_ptr,
     else:
         # the row is read only when a real negative uses it (an unused row may hold anything)
         g = wsum * tl.load(pool_ptr + j * d + rd, mask=(rd < d) & (end > start), other=0.0) - acc
-    tl.store(gpool_ptr + j * d + rd, g, mask=rd < d)
+    tl.store(gpool_ptr + j * d + rd, g * scale, mask=rd < d)
 
 
 def indexed_candidate_softmax(anchor, positive, pool, index, valid, temperature: float, metric: int,
                               need_grad: bool):
-    """``(loss, grad_anchor, grad_positive, grad_pool)`` for fp32 or fp64 rows; the gradients are empty
+    """``(loss, grad_anchor, grad_positive, coef (B, K))`` for fp32 or fp64 rows; all but the loss empty
     without ``need_grad``. ``index (B, K)`` int64 rows of ``pool``, read only where ``valid``."""
     anchor, positive, pool = anchor.contiguous(), positive.contiguous(), pool.contiguous()
     index, valid = index.contiguous(), valid.contiguous()
     B, K = index.shape
-    P, d = pool.shape
+    d = pool.shape[1]
     dev, dtype = anchor.device, anchor.dtype
     scal = torch.tensor([1.0 / temperature, 1.0 / B], dtype=dtype, device=dev)
     row_loss = torch.empty(B, device=dev, dtype=dtype)
 
-    def grad_buffer(*shape):
+    def grad_buffer(*shape):  # distinct tensors even when empty (a custom op's outputs may not alias)
         return torch.empty(shape if need_grad else (0,), device=dev, dtype=dtype)
 
     ga, gp, coef = grad_buffer(B, d), grad_buffer(B, d), grad_buffer(B, K)
@@ -202,17 +205,23 @@ def indexed_candidate_softmax(anchor, positive, pool, index, valid, temperature:
     block_d = max(16, min(64, 4096 // block_k))
     _indexed_softmax_kernel[(B,)](anchor, positive, pool, index, valid, scal, row_loss, ga, gp, coef, K, d,
                                   METRIC=metric, NEED_GRAD=need_grad, BLOCK_K=block_k, BLOCK_D=block_d)
-    loss = row_loss.mean()
-    if not need_grad:  # distinct empty tensors (a custom op's outputs may not alias each other)
-        return loss, ga, gp, anchor.new_empty(0)
-    # contributions sorted by pool row (masked entries get the key P and sort past every segment)
-    keys = torch.where(valid, index, P).flatten()
+    return row_loss.mean(), ga, gp, coef
+
+
+def indexed_pool_grad(anchor, pool, index, valid, coef, scale, metric: int):
+    """The pool gradient ``(P, d)`` from ``indexed_candidate_softmax``'s ``coef`` for the upstream
+    gradient ``scale`` (a one-element tensor, read on the device): per pool row, the sum of its
+    contributions in (anchor, slot) order, by a stable sort of the valid entries' rows."""
+    anchor, pool, coef = anchor.contiguous(), pool.contiguous(), coef.contiguous()
+    P, d = pool.shape
+    K = index.shape[1]
+    keys = torch.where(valid, index, P).flatten()  # masked entries sort past every row's segment
     order = torch.argsort(keys, stable=True)
-    starts = torch.searchsorted(keys[order], torch.arange(P + 1, device=dev, dtype=keys.dtype))
-    gpool = torch.empty(P, d, device=dev, dtype=dtype)
-    _pool_grad_segments_kernel[(P, triton.cdiv(d, 64))](anchor, pool, coef, order, starts, gpool, K, d,
-                                                         METRIC=metric, BLOCK_D=64)
-    return loss, ga, gp, gpool
+    starts = torch.searchsorted(keys[order], torch.arange(P + 1, device=pool.device, dtype=keys.dtype))
+    gpool = torch.empty(P, d, device=pool.device, dtype=anchor.dtype)
+    _pool_grad_segments_kernel[(P, triton.cdiv(d, 64))](anchor, pool, coef, order, starts, scale.reshape(1), gpool,
+                                                         K, d, METRIC=metric, BLOCK_D=64)
+    return gpool
 
 
 @triton.jit

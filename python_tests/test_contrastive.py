@@ -179,9 +179,12 @@ def test_negative_contrastive_indexed_default_pool_is_positive(backend, device, 
     # the op itself with pool the very tensor positive (what the public function passes)
     a, p = anchor.double().to(device), pos.double().to(device).requires_grad_()
     valid = mask.to(device)
-    out = C.indexed_candidate_softmax(a, p, p, idx.to(device), valid, 2.0, C._METRIC_CODE[metric], True, backend)
+    code, i = C._METRIC_CODE[metric], idx.to(device)
+    out = C.indexed_candidate_softmax(a, p, p, i, valid, 2.0, code, True, backend)
     out[0].backward()
-    torch.testing.assert_close(p.grad.cpu(), out[2].cpu() + out[3].cpu(), rtol=0, atol=0)
+    as_pool = C.indexed_pool_grad(a, p.detach(), i, valid, out[3], torch.ones((), dtype=a.dtype, device=device), code,
+                                  backend)
+    torch.testing.assert_close(p.grad.cpu(), (out[2] + as_pool).cpu(), rtol=0, atol=0)
     torch.testing.assert_close(p.grad.cpu(), rg[1], rtol=1e-10, atol=1e-12)
 
 
@@ -210,6 +213,24 @@ def test_negative_contrastive_indexed_reads_by_index(backend, device, monkeypatc
     loss = xlt_fast.negative_contrastive(anchor.to(device), pos.to(device), idx.to(device), 1.0,
                                          pool=pool.to(device), negative_mask=mask.to(device), backend=backend)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_negative_contrastive_indexed_pool_without_grad(backend, device, monkeypatch):
+    """A pool that does not require grad: its gradient pass is skipped, anchor's and positive's are
+    still those of the reference."""
+    def no_pool_grad(*args):
+        raise AssertionError("indexed_pool_grad called for a pool without grad")
+
+    anchor, pos, pool, idx, mask = _indexed_problem(B=6, K=4, d=5, P=6)
+    ref = [t.double().requires_grad_() for t in (anchor, pos)]
+    R.negative_contrastive(*ref, pool.double()[idx.clamp(0, 5)], 2.0, "sqeuclidean", mask).backward()
+    monkeypatch.setattr(C, "indexed_pool_grad", no_pool_grad)
+    leaves = [t.double().to(device).requires_grad_() for t in (anchor, pos)]
+    xlt_fast.negative_contrastive(*leaves, idx.to(device), 2.0, "sqeuclidean", pool=pool.double().to(device),
+                                  negative_mask=mask.to(device), backend=backend).backward()
+    for t, r in zip(leaves, ref):
+        torch.testing.assert_close(t.grad.cpu(), r.grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -369,7 +390,9 @@ def test_opcheck(backend, device):
     iv = (torch.rand(9, 4, generator=g) > 0.3).to(device)
     idx[~iv] = -3  # never read
     torch.library.opcheck(C.indexed_candidate_softmax, (a, c, pool, idx, iv, 0.5, 1, True, backend))
-    torch.library.opcheck(C.indexed_candidate_softmax, (a, c, c, idx.clamp(0, 6), iv, 0.5, 0, False, backend))
+    coef = torch.randn(9, 4, generator=g).to(device)
+    half = torch.tensor(0.5, device=device)
+    torch.library.opcheck(C.indexed_pool_grad, (a.detach(), pool.detach(), idx, iv, coef, half, 2, backend))
     z = torch.randn(9, 5, generator=g).to(device).requires_grad_()
     w = (torch.rand(9, 5, generator=g) > 0.5).float().to(device)
     torch.library.opcheck(C.negative_learning_op, (z, w, True, backend))

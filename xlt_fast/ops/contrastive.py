@@ -256,10 +256,10 @@ def indexed_candidate_softmax(anchor: Tensor, positive: Tensor, pool: Tensor, in
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``candidate_softmax`` with the negatives as rows of ``pool (P, d)`` read by ``index (B, K)``
     (int64) where ``valid (B, K)``, never gathered (an entry not valid is never read: its index may be
-    anything). Returns ``(loss, dloss/danchor, dloss/dpositive, dloss/dpool)``, the gradients empty
-    without ``need_grad``; ``pool`` may be the tensor ``positive`` (autograd sums both gradients).
-    CPU: pass 1 over anchors, then the pool gradient scattered by column chunks (deterministic).
-    Triton: one program per anchor, then a sorted segment sum per pool row (deterministic, no atomics)."""
+    anything). Returns ``(loss, dloss/danchor, dloss/dpositive, coef)``, ``coef (B, K)`` the pool
+    rows' gradient coefficients that :func:`indexed_pool_grad` turns into dloss/dpool in backward
+    (all three empty without ``need_grad``). Autograd gives anchor, positive and pool their
+    gradients; ``pool`` may be the tensor ``positive`` (autograd then sums both)."""
     if backend == "triton":
         from xlt_fast.kernels.contrastive_rows import indexed_candidate_softmax as kernel
 
@@ -271,10 +271,45 @@ def indexed_candidate_softmax(anchor: Tensor, positive: Tensor, pool: Tensor, in
 @indexed_candidate_softmax.register_fake
 def _(anchor, positive, pool, index, valid, temperature, metric, need_grad, backend):
     return (anchor.new_empty(()), _grad_or_empty(need_grad, anchor, anchor.shape),
-            _grad_or_empty(need_grad, positive, positive.shape), _grad_or_empty(need_grad, pool, pool.shape))
+            _grad_or_empty(need_grad, positive, positive.shape), _grad_or_empty(need_grad, anchor, index.shape))
 
 
-_register_precomputed_grad(indexed_candidate_softmax, 9)
+@torch.library.custom_op("xlt_fast::indexed_pool_grad", mutates_args=())
+def indexed_pool_grad(anchor: Tensor, pool: Tensor, index: Tensor, valid: Tensor, coef: Tensor, scale: Tensor,
+                      metric: int, backend: str) -> Tensor:
+    """dloss/dpool ``(P, d)`` times the upstream gradient ``scale`` (0-dim), dense, deterministic. CPU:
+    scattered into zeros by column chunks, each visiting every (i, k) in order; Triton: one program
+    per (pool row, d block) summing the row's contributions sorted by row (no atomics)."""
+    if backend == "triton":
+        from xlt_fast.kernels.contrastive_rows import indexed_pool_grad as kernel
+
+        return kernel(anchor, pool, index, valid, coef, scale, metric)
+    return _backend.extension().indexed_pool_grad(anchor, pool, index, valid, coef, scale, metric)
+
+
+@indexed_pool_grad.register_fake
+def _(anchor, pool, index, valid, coef, scale, metric, backend):
+    return torch.empty_like(pool)
+
+
+def _indexed_setup(ctx, inputs, output):
+    anchor, positive, pool, index, valid, temperature, metric, need_grad, backend = inputs
+    _, grad_anchor, grad_positive, coef = output
+    ctx.save_for_backward(anchor, pool, index, valid, grad_anchor, grad_positive, coef)
+    ctx.args = (metric, backend)
+
+
+def _indexed_backward(ctx, grad_loss, *_):
+    anchor, pool, index, valid, grad_anchor, grad_positive, coef = ctx.saved_tensors
+    if not coef.numel():  # forward ran without need_grad
+        return (None,) * 9
+    grad_pool = None
+    if ctx.needs_input_grad[2]:
+        grad_pool = indexed_pool_grad(anchor, pool, index, valid, coef, grad_loss, *ctx.args)
+    return (grad_loss * grad_anchor, grad_loss * grad_positive, grad_pool) + (None,) * 6
+
+
+indexed_candidate_softmax.register_autograd(_indexed_backward, setup_context=_indexed_setup)
 
 
 def _indexed_rows_probe(pool: Tensor, idx: Tensor, valid: Tensor, kind: str) -> Tensor:
