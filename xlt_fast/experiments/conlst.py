@@ -150,8 +150,8 @@ def claims(recs: Sequence[dict]) -> list[Claim]:
         passed += ok
         n0 = np.mean([r["pool"]["zero_shot"]["n_high"] for r in rs])
         n1 = np.mean([r["pool"]["conl_only"]["n_high"] for r in rs])
-        per_lang.append(f"{lang}: {100 * d.mean():+.1f} points (seed sd {100 * sd:.1f}; n_high {n0:.0f} -> {n1:.0f}); "
-                        f"overall {100 * overall:+.1f}")
+        gain = f"{100 * d.mean():+.1f} points (seed sd {100 * sd:.1f}" if d.size else "no > 0.9 bin to compare (empty"
+        per_lang.append(f"{lang}: {gain}; n_high {n0:.0f} -> {n1:.0f}); overall {100 * overall:+.1f}")
     need = math.ceil(2 * len(langs) / 3)
     out.append(Claim("C1: after CoNL the pseudo-labels of the > 0.9 bin are more accurate (by > 2 seed sd, in >= 2/3 "
                      "of the targets) and the overall pseudo-label accuracy does not fall",
@@ -161,7 +161,8 @@ def claims(recs: Sequence[dict]) -> list[Claim]:
                      f"reproduced: >= {need} of {len(langs)} targets pass; consistent: at least one"))
     # C2
     zs_acc = [float(np.mean([r["pool"]["zero_shot"]["accuracy"] for r in rs])) for rs in langs.values()]
-    gains = [float(np.mean(_bin_delta(rs, "conl_only", "acc_high") or [math.nan])) for rs in langs.values()]
+    gains = [float(np.mean(d)) if (d := _bin_delta(rs, "conl_only", "acc_high")) else math.nan
+             for rs in langs.values()]
     rho = spearman(zs_acc, gains)[0] if len(langs) > 1 else math.nan
     pairs = ", ".join(f"{lang} (ZS pool acc {100 * a:.1f}: {100 * g:+.1f})" for lang, a, g in zip(langs, zs_acc, gains))
     out.append(Claim("C2: the gain is larger for targets with lower zero-shot accuracy",
@@ -192,8 +193,9 @@ def claims(recs: Sequence[dict]) -> list[Claim]:
                      "reproduced: all three CIs > 0; not reproduced: any mean <= 0"))
     # C5
     d5 = mean_ci(_acc_delta(recs, "conlst", "no_clcs"))
-    sd = {m: float(np.mean([np.std([r["acc"][m] for r in rs], ddof=1) for rs in langs.values()]))
-          for m in ("conlst", "no_clcs")} if len(recs) > len(langs) else {"conlst": math.nan, "no_clcs": math.nan}
+    multi = [rs for rs in langs.values() if len(rs) > 1]  # the seed sd needs two seeds of a target
+    sd = {m: float(np.mean([np.std([r["acc"][m] for r in rs], ddof=1) for rs in multi])) if multi else math.nan
+          for m in ("conlst", "no_clcs")}
     unstable = sd["no_clcs"] > sd["conlst"]
     out.append(Claim("C5: without L_CLCS CoNLST is less stable (a drop or a larger seed variance)",
                      "Table 3: 65.5 vs 68.5; Sec. 4.3 calls L_CLCS crucial",
@@ -250,7 +252,9 @@ def plot(recs: Sequence[dict], path: Path) -> None:
     for j, (lang, rs) in enumerate(langs.items()):
         ax_acc, ax_n = axes[2 * j], axes[2 * j + 1]
         for i, m in enumerate(models):
-            acc = [np.mean([r["pool"][m][f"acc_{b}"] or 0 for r in rs]) * 100 for b in trainer.BINS]
+            acc = [100 * np.mean(a) if (a := [r["pool"][m][f"acc_{b}"] for r in rs
+                                              if r["pool"][m][f"acc_{b}"] is not None]) else np.nan
+                   for b in trainer.BINS]  # an empty bin draws no bar
             n = [np.mean([r["pool"][m][f"n_{b}"] for r in rs]) for b in trainer.BINS]
             ax_acc.bar(x + i * width, acc, width, color=COLORS[m], label=names[m])
             ax_n.bar(x + i * width, n, width, color=COLORS[m], label=names[m])

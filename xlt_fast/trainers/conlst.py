@@ -30,7 +30,8 @@ Phases (each variant runs a subset; data, model and the zero-shot stage: :mod:`x
   samples and gives each ONE strong view, uniformly among ``strong_views``: ``mask`` (a pre-encoded
   copy of the verse with ``mask_rate`` of its words replaced by the mask token) or ``mixup``
   (Eqs. 9-11: ``x~ = l x_i + (1 - l) x_j``, ``y~ = l y^_i + (1 - l) y^_j``, ``l ~ Beta(alpha, alpha)``,
-  ``j`` another kept sample of the batch), and minimises ``L_SSL = CE(y_s, p(x_s)) + lambda_u CE(y~, p(A(x_t)))``
+  ``j`` another sample of the batch; the batch holds distinct kept samples when there are at least B),
+  and minimises ``L_SSL = CE(y_s, p(x_s)) + lambda_u CE(y~, p(A(x_t)))``
   (Eqs. 12-14 with hard pseudo-labels; the indicator of Eq. 14 is the selection).
 
 Variants: ``zero_shot`` = [zs]; ``conlst`` = [zs, conl, st]; ``conl_only`` = [zs, conl];
@@ -108,9 +109,9 @@ class CoNLSTConfig(genre.GenreConfig):
             problems.append("mode: the CoNLST trainer runs on frozen features (the view noise is dropout in g); "
                             "encoder fine-tuning is not built")
         bad = [v for v in self.strong_views if v not in VIEWS]
-        if bad or not self.strong_views:
-            problems.append(f"strong_views: choose one or more of {list(VIEWS)}, got {self.strong_views}")
-        elif self.variant == "no_mixup" and self.strong_views == ["mixup"]:
+        if bad or not self.strong_views or len(set(self.strong_views)) < len(self.strong_views):
+            problems.append(f"strong_views: one or more distinct views of {list(VIEWS)}, got {self.strong_views}")
+        elif self.variant == "no_mixup" and not views(self):
             problems.append("strong_views: no_mixup removes mixup, so it needs another view (mask)")
         if self.n_target and self.n_target < 2 * self.batch_size:
             problems.append(f"n_target: the pool must hold at least two batches (2 x {self.batch_size})")
@@ -410,7 +411,9 @@ def strong_view(cfg: CoNLSTConfig, state: State, idx: torch.Tensor) -> tuple[tor
         out_x[rows] = data.masked[copy[rows], idx[rows]]
     if "mixup" in names:
         rows = kind == names.index("mixup")
-        partner = torch.randperm(idx.numel(), generator=gen).to(idx.device)
+        order = torch.randperm(idx.numel(), generator=gen).to(idx.device)
+        partner = torch.empty_like(order)
+        partner[order] = order.roll(1)  # a cyclic derangement: no row is mixed with itself
         # Beta(alpha, alpha) from the global RNG (saved in checkpoints, reseeded per phase)
         lam = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha).sample((idx.numel(), 1)).to(x)
         out_x[rows] = (lam * x + (1 - lam) * x[partner])[rows]
@@ -431,7 +434,12 @@ def _st_step(cfg: CoNLSTConfig, per_iteration: int, state: State, ctx: Context) 
         loss_src = F.cross_entropy(logits, data.source.labels[i_s])
         ctx.update(loss_src, ["st"])
         return {"loss": loss_src.item(), "unlabelled": 0.0, **values}
-    i_u = kept[torch.randint(kept.numel(), (cfg.batch_size,), generator=state.generators["st"]).to(kept.device)]
+    gen = state.generators["st"]
+    if kept.numel() >= cfg.batch_size:  # distinct samples, so mixup never pairs a sample with a copy of itself
+        pick = torch.randperm(kept.numel(), generator=gen)[:cfg.batch_size]
+    else:
+        pick = torch.randint(kept.numel(), (cfg.batch_size,), generator=gen)
+    i_u = kept[pick.to(kept.device)]
     x_u, y_u = strong_view(cfg, state, i_u)
     _, logits = state.parallel["model"](torch.cat([model.collate([(data.source.inputs, i_s)]), x_u]))
     n = i_s.numel()
