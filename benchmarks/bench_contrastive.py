@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import xlt_fast
 from xlt_fast import reference as R
-from xlt_fast.benchmarks.common import fp64_cpu, fwd_bwd, kernel_backends
+from xlt_fast.benchmarks.common import cpu_busy_s, fp64_cpu, fwd_bwd, kernel_backends, quiet_reps
 from xlt_fast.benchmarks.harness import Case
 
 
@@ -203,15 +203,6 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     return out
 
 
-def _busy_cpu_s() -> float:
-    """All CPUs' busy seconds since boot (/proc/stat: everything but idle and iowait)."""
-    import os
-
-    with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def conl_timing(metrics: list[str], reps: int, inner: int = 20, max_wait: float = 0.0, out: str | None = None,
                 threads: int | None = None) -> dict:
     """The CoNL step's implementations timed side by side on the CPU, after :func:`conl_agreement`.
@@ -259,13 +250,6 @@ def conl_timing(metrics: list[str], reps: int, inner: int = 20, max_wait: float 
                                            f"tau={CONL_TAU}, ~10 % of the negatives masked, fp32",
               "reps": reps, "inner": inner, "max_wait_s": max_wait, "environment": env, "metrics": {}}
 
-    def quiet_wait(deadline: float) -> None:
-        while time.monotonic() < deadline:
-            b0 = _busy_cpu_s()
-            time.sleep(0.5)
-            if _busy_cpu_s() - b0 < 0.05:
-                return
-
     for metric in metrics:
         agreement = conl_agreement(device, metric)
         impls = {n: fn for n, fn in conl_impls(device, metric).items() if n != "reference"}
@@ -274,16 +258,9 @@ def conl_timing(metrics: list[str], reps: int, inner: int = 20, max_wait: float 
         for fn in impls.values():
             for _ in range(3):
                 fn()
-        log = []
-        deadline = time.monotonic() + max_wait
-        while len(log) < reps or (max_wait > 0 and sum(r["quiet"] for r in log) < reps
-                                  and time.monotonic() < deadline):
-            if max_wait > 0 and log and not log[-1]["quiet"]:
-                quiet_wait(deadline)
-                for fn in impls.values():
-                    fn()
-            shift = len(log) % len(names)
-            rep, t_rep, b0, c0 = {}, time.perf_counter(), _busy_cpu_s(), time.process_time()
+        def run_rep(i: int) -> dict:
+            shift = i % len(names)
+            rep, t_rep, b0, c0 = {}, time.perf_counter(), cpu_busy_s(), time.process_time()
             for n in names[shift:] + names[:shift]:
                 calls = []
                 for _ in range(inner):
@@ -292,9 +269,11 @@ def conl_timing(metrics: list[str], reps: int, inner: int = 20, max_wait: float 
                     calls.append((time.perf_counter() - t0) * 1e3)
                 rep[n] = statistics.median(calls)
             wall = time.perf_counter() - t_rep
-            others = _busy_cpu_s() - b0 - (time.process_time() - c0)
-            log.append({"ms": rep, "others_cpu_ms": round(others * 1e3, 1), "wall_ms": round(wall * 1e3, 1),
-                        "quiet": others < 0.1 * wall})
+            others = cpu_busy_s() - b0 - (time.process_time() - c0)
+            return {"ms": rep, "others_cpu_ms": round(others * 1e3, 1), "wall_ms": round(wall * 1e3, 1),
+                    "quiet": others < 0.1 * wall}
+
+        log = quiet_reps(run_rep, lambda: [fn() for fn in impls.values()], reps, max_wait)
         kept = [r for r in log if r["quiet"]] or log
         row = {"agreement": agreement, "reps_run": len(log), "reps_quiet": sum(r["quiet"] for r in log),
                "stats_over": "quiet reps" if kept is not log else "all reps (none quiet)"}

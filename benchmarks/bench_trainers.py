@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from xlt_fast.benchmarks.common import kernel_backends
+from xlt_fast.benchmarks.common import cpu_busy_s, kernel_backends, quiet_reps
 from xlt_fast.benchmarks.harness import Case
 from xlt_fast.data.core import ClassificationDataset
 from xlt_fast.models.tokens import EncoderTop, TokenSentences, frozen_copy
@@ -430,16 +430,6 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     return out
 
 
-def _cpu_busy_s() -> float:
-    """Busy time of all CPUs since boot, in seconds (/proc/stat: user + nice + system + irq + softirq
-    + steal), to tell how much of a timed interval other processes ran."""
-    import os
-
-    with open("/proc/stat") as f:
-        v = [int(t) for t in f.readline().split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def realnvp_timing(batches: list[int], reps: int, out: str | None = None, threads: int | None = None,
                    max_wait: float = 0.0) -> dict:
     """The realnvp step of ours and nflows timed side by side in one run: per rep each implementation
@@ -466,13 +456,6 @@ def realnvp_timing(batches: list[int], reps: int, out: str | None = None, thread
     if threads:
         torch.set_num_threads(threads)
 
-    def wait_quiet(deadline: float) -> None:  # until others use < 10 % of the CPUs over 0.5 s
-        while time.monotonic() < deadline:
-            b0 = _cpu_busy_s()
-            time.sleep(0.5)
-            if _cpu_busy_s() - b0 < 0.05:
-                return
-
     result = {"case": "realnvp step", "what": "two 8-coupling Real-NVP flows (d=384, conditioner width 512, "
                                               "scale exp, half masks), loss = matching + 1e-4 * NLL, forward + "
                                               "backward + RMSprop(lr=1e-4); parameters restored before each step "
@@ -491,24 +474,19 @@ def realnvp_timing(batches: list[int], reps: int, out: str | None = None, thread
         for fn in impls.values():  # warm-up (allocations, the optimizer's state)
             for _ in range(2):
                 fn()
-        log = []  # per rep: {impl: (wall ms, cpu ms)}, others' CPU ms, quiet
-        deadline = time.monotonic() + max_wait
-        while len(log) < reps or (max_wait > 0 and sum(r["quiet"] for r in log) < reps
-                                  and time.monotonic() < deadline):
-            if max_wait > 0 and log and not log[-1]["quiet"]:
-                wait_quiet(deadline)
-                for fn in impls.values():  # after the sleep: one untimed step each, so no rep starts cold
-                    fn()
-            rep, b0, p0 = {}, _cpu_busy_s(), time.process_time()
+        def run_rep(i: int) -> dict:  # {impl: (wall ms, cpu ms)}, others' CPU ms, quiet
+            rep, b0, p0 = {}, cpu_busy_s(), time.process_time()
             order = list(impls.items())
-            for n, fn in order if len(log) % 2 == 0 else order[::-1]:  # alternate who goes first
+            for n, fn in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
                 fn.restore()
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn.step()
                 rep[n] = ((time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3)
-            others = (_cpu_busy_s() - b0 - (time.process_time() - p0)) * 1e3  # all CPUs' busy time but ours
+            others = (cpu_busy_s() - b0 - (time.process_time() - p0)) * 1e3  # all CPUs' busy time but ours
             wall = sum(w for w, _ in rep.values())
-            log.append({"ms": rep, "others_cpu_ms": round(others, 1), "quiet": others < 0.1 * wall})
+            return {"ms": rep, "others_cpu_ms": round(others, 1), "quiet": others < 0.1 * wall}
+
+        log = quiet_reps(run_rep, lambda: [fn() for fn in impls.values()], reps, max_wait)
         kept = [r for r in log if r["quiet"]] or log
         row = {"agreement": check, "reps_run": len(log), "reps_quiet": sum(r["quiet"] for r in log),
                "stats_over": "quiet reps" if kept is not log else "all reps (none quiet)"}
