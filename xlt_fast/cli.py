@@ -6,7 +6,9 @@
 ``xlt-fast reproduce [METHOD ...] [--quick] --output_dir DIR [--workers N]``
   runs the papers' key experiments and writes ``DIR/<method>/claims.json``, ``claims.md`` and plots.
 ``xlt-fast bench [--quick] [--ops a,b] [--device cpu|cuda] [--out DIR]``
-  the benchmark suites.
+  the benchmark suites: per case the ratio of each implementation over the peer, a floor row (the
+  op's GEMMs alone at the same shapes: the ceiling), our backends' % of floor and the target met or
+  missed; ``DIR/{cpu,gpu}-{quick,full}.json`` and a ``.png`` of our speed-ups per case.
 """
 from __future__ import annotations
 
