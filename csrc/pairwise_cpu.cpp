@@ -6,6 +6,12 @@
 // accuracy for close pairs. Callers center x and y first, which keeps the norms small.
 #include "common.h"
 
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
 namespace xlt_fast {
 namespace {
 
@@ -19,19 +25,27 @@ void expand_and_refine(const scalar_t* x, const scalar_t* y, const scalar_t* nx,
       const scalar_t* nyb = ny + b * m;
       const scalar_t* yb = y + b * m * d;
       scalar_t* row = out + r * m;
+      // first pass (vectorised): the expansion, clamped at 0, and whether any entry needs refining
+      int refine = 0;
+      const scalar_t tol_s = static_cast<scalar_t>(tol);
       for (int64_t j = 0; j < m; ++j) {
         const scalar_t scale = nx[r] + nyb[j];
-        scalar_t v = scale - 2 * row[j];
-        if (scale > 0 && v <= static_cast<scalar_t>(tol) * scale) {  // zero rows: exact 0 already
+        const scalar_t v = scale - 2 * row[j];
+        refine |= (scale > 0) & (v <= tol_s * scale);  // zero rows: exact 0 already
+        row[j] = v > 0 ? v : scalar_t(0);
+      }
+      if (!refine) continue;
+      for (int64_t j = 0; j < m; ++j) {  // rare: close pairs, recomputed exactly
+        const scalar_t scale = nx[r] + nyb[j];
+        if (scale > 0 && row[j] <= tol_s * scale) {
           const scalar_t* yj = yb + j * d;
           scalar_t acc = 0;
           for (int64_t k = 0; k < d; ++k) {
             const scalar_t diff = xi[k] - yj[k];
             acc += diff * diff;
           }
-          v = acc;
+          row[j] = acc;
         }
-        row[j] = v > 0 ? v : scalar_t(0);
       }
     }
   });
@@ -58,12 +72,137 @@ at::Tensor pairwise_sqdist_cpu(const at::Tensor& x_in, const at::Tensor& y_in, b
   return out;
 }
 
+// Direct sum_k (x_ik - y_jk)^2 for small d, where a GEMM's packing costs more than the work:
+// exact (no expansion, so no centring and no refinement). yt is y transposed, (B, d, m), so that
+// the inner loop runs over j (vectorised) and accumulates in the output row. Returns false if an
+// entry is not finite (a NaN/inf input reaches every entry of its row or column; a finite overflow
+// also says false).
+template <typename scalar_t>
+bool direct_sqdist(const scalar_t* x, const scalar_t* yt, scalar_t* out, int64_t B, int64_t n, int64_t m,
+                   int64_t d) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, B * n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, m * d)), [&](int64_t begin, int64_t end) {
+    int bad = 0;
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xi = x + r * d;
+      const scalar_t* yb = yt + (r / n) * d * m;
+      scalar_t* __restrict__ row = out + r * m;
+      for (int64_t k = 0; k < d; ++k) {
+        const scalar_t xk = xi[k];
+        const scalar_t* __restrict__ yk = yb + k * m;
+        if (k == 0) {
+          for (int64_t j = 0; j < m; ++j) {
+            const scalar_t diff = xk - yk[j];
+            row[j] = diff * diff;
+          }
+        } else {
+          for (int64_t j = 0; j < m; ++j) {
+            const scalar_t diff = xk - yk[j];
+            row[j] += diff * diff;
+          }
+        }
+      }
+      const scalar_t big = std::numeric_limits<scalar_t>::max();
+      for (int64_t j = 0; j < m; ++j) bad |= row[j] <= big ? 0 : 1;  // NaN and inf: bad (vectorised OR)
+    }
+    if (bad) finite = false;
+  });
+  return finite;
+}
+
+// x and y minus the mean of all their rows (per batch), with the centred rows' squared norms, in
+// two passes over the inputs. Returns false if a sum or a norm is not finite (any NaN/inf input
+// makes its batch's column sum non-finite; a finite overflow also says false).
+template <typename scalar_t>
+bool center_with_norms(const scalar_t* x, const scalar_t* y, scalar_t* xc, scalar_t* yc, scalar_t* nx,
+                       scalar_t* ny, int64_t B, int64_t n, int64_t m, int64_t d) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(d);
+    std::vector<scalar_t> c(d);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      const scalar_t* xb = x + b * n * d;
+      const scalar_t* yb = y + b * m * d;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = 0; k < d; ++k) acc[k] += xb[i * d + k];
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t k = 0; k < d; ++k) acc[k] += yb[j * d + k];
+      double check = 0;
+      for (int64_t k = 0; k < d; ++k) {
+        c[k] = static_cast<scalar_t>(acc[k] / static_cast<double>(n + m));
+        check += acc[k];
+      }
+      auto shift = [&](const scalar_t* src, scalar_t* dst, scalar_t* norms, int64_t rows) {
+        for (int64_t i = 0; i < rows; ++i) {
+          double s = 0;  // a norm summed in fp64: the expansion cancels against it
+          for (int64_t k = 0; k < d; ++k) {
+            const scalar_t v = src[i * d + k] - c[k];
+            dst[i * d + k] = v;
+            s += static_cast<double>(v) * static_cast<double>(v);
+          }
+          norms[i] = static_cast<scalar_t>(s);
+          check += s;
+        }
+      };
+      shift(xb, xc + b * n * d, nx + b * n, n);
+      shift(yb, yc + b * m * d, ny + b * m, m);
+      if (!std::isfinite(check)) finite = false;
+    }
+  });
+  return finite;
+}
+
+// Squared distances of x and y centred here (the CPU path without masks): the centring, the norms
+// and the finiteness of the inputs in two passes, one GEMM, then the expansion with refinement.
+// Returns (D, finite): finite is a bool scalar, false when an input may hold NaN/inf (the caller
+// then runs its exact check, which names the argument).
+std::tuple<at::Tensor, at::Tensor> pairwise_sqdist_centered_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
+                                                                double refine_tol, int64_t direct_max_d) {
+  check_cpu_float(x_in, "x");
+  check_cpu_float(y_in, "y");
+  check_dim(x_in, 3, "x");
+  check_dim(y_in, 3, "y");
+  TORCH_CHECK(x_in.size(0) == y_in.size(0) && x_in.size(2) == y_in.size(2),
+              "x (B, n, d) and y (B, m, d) must share B and d");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = y_in.to(x.scalar_type()).contiguous();
+  const int64_t B = x.size(0), n = x.size(1), m = y.size(1), d = x.size(2);
+  at::Tensor out = at::empty({B, n, m}, x.options());
+  bool finite = true;
+  if (d <= direct_max_d) {
+    const at::Tensor yt = y.transpose(1, 2).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pairwise_sqdist_direct", [&] {
+      finite = direct_sqdist<scalar_t>(x.data_ptr<scalar_t>(), yt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                       B, n, m, d);
+    });
+    return {out, at::scalar_tensor(finite, x.options().dtype(at::kBool))};
+  }
+  at::Tensor xc = at::empty_like(x), yc = at::empty_like(y);
+  at::Tensor nx = at::empty({B, n}, x.options()), ny = at::empty({B, m}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pairwise_sqdist_center", [&] {
+    finite = center_with_norms<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
+                                         yc.data_ptr<scalar_t>(), nx.data_ptr<scalar_t>(), ny.data_ptr<scalar_t>(),
+                                         B, n, m, d);
+  });
+  at::bmm_out(out, xc, yc.transpose(1, 2));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pairwise_sqdist_refine", [&] {
+    expand_and_refine<scalar_t>(xc.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(), nx.data_ptr<scalar_t>(),
+                                ny.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, n, m, d, refine_tol);
+  });
+  return {out, at::scalar_tensor(finite, x.options().dtype(at::kBool))};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(xlt_fast_C, m) {
   m.def("pairwise_sqdist(Tensor x, Tensor y, bool dot, float refine_tol) -> Tensor");
+  m.def("pairwise_sqdist_centered(Tensor x, Tensor y, float refine_tol, int direct_max_d) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(xlt_fast_C, CPU, m) { m.impl("pairwise_sqdist", &pairwise_sqdist_cpu); }
+TORCH_LIBRARY_IMPL(xlt_fast_C, CPU, m) {
+  m.impl("pairwise_sqdist", &pairwise_sqdist_cpu);
+  m.impl("pairwise_sqdist_centered", &pairwise_sqdist_centered_cpu);
+}
 
 }  // namespace xlt_fast

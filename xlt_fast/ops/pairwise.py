@@ -19,6 +19,8 @@ METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 # Entries with D <= REFINE_TOL * (|x|^2 + |y|^2) are recomputed exactly. Elsewhere the expansion's
 # rounding error, about sqrt(d) * 2^-24 * (|x|^2 + |y|^2), stays below sqrt(d) * 2^-20 * D.
 REFINE_TOL = 2.0 ** -4
+# The CPU kernel sums (x_ik - y_jk)^2 directly (exact, no GEMM) up to this feature size.
+DIRECT_MAX_D = 8
 
 
 @torch.library.custom_op("xlt_fast::sqdist", mutates_args=())
@@ -56,6 +58,37 @@ def _sqdist_backward(ctx, grad: Tensor):
 
 
 sqdist.register_autograd(_sqdist_backward, setup_context=_sqdist_setup)
+
+
+@torch.library.custom_op("xlt_fast::sqdist_centered", mutates_args=())
+def sqdist_centered(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """CPU squared distances without masks, centred inside the kernel: ``(D, finite)``; ``finite`` is
+    a bool scalar, False when x or y may hold NaN/inf (then the caller's exact check decides)."""
+    return _backend.extension().pairwise_sqdist_centered(x, y, REFINE_TOL, DIRECT_MAX_D)
+
+
+@sqdist_centered.register_fake
+def _(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape[0], x.shape[1], y.shape[1]), x.new_empty((), dtype=torch.bool)
+
+
+def _centered_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _centered_backward(ctx, grad: Tensor, _):
+    """As :func:`_sqdist_backward` on the centred points (the gradient ignores the centre, and
+    centring keeps the two terms' cancellation small)."""
+    x, y = ctx.saved_tensors
+    c = masked_center(x, y, None, None)
+    x, y = x - c, y - c
+    gx = 2 * (grad.sum(2, keepdim=True) * x - grad @ y)
+    gy = 2 * (grad.sum(1).unsqueeze(-1) * y - grad.transpose(1, 2) @ x)
+    return gx, gy
+
+
+sqdist_centered.register_autograd(_centered_backward, setup_context=_centered_setup)
 
 
 def masked_center(x: Tensor, y: Tensor, x_mask: Optional[Tensor], y_mask: Optional[Tensor]) -> Tensor:
@@ -110,6 +143,10 @@ def pairwise_distance(x: Tensor, y: Tensor, metric: str = "sqeuclidean", x_mask:
     xm = V.point_mask(x_mask, "x_mask", tuple(X.shape[:2]), X.device, op)
     ym = V.point_mask(y_mask, "y_mask", tuple(Y.shape[:2]), Y.device, op)
     kind = _backend.resolve(backend, X.device, op, gpu_default="triton")
+    if kind == "cpu" and xm is None and ym is None and metric != "dot":
+        # the kernel finds non-finite inputs in its centring pass; the exact check runs only then
+        out = _cpu_unmasked(X, Y, metric, op, check_finite)
+        return out.squeeze(0) if unbatched else out
     checks = V.Checks(op, check_finite)
     checks.finite("x", X, xm)
     checks.finite("y", Y, ym)
@@ -119,6 +156,29 @@ def pairwise_distance(x: Tensor, y: Tensor, metric: str = "sqeuclidean", x_mask:
     else:
         out = _pairwise_kernel(X, Y, metric, xm, ym, kind)
     return out.squeeze(0) if unbatched else out
+
+
+def _cpu_unmasked(X: Tensor, Y: Tensor, metric: str, op: str, check_finite: bool) -> Tensor:
+    """The CPU path without masks: one fused kernel call for the centring, the norms, the
+    finiteness flag, the GEMM and the refinement (the masked path costs four more passes)."""
+    dtype, X0, Y0 = X.dtype, X, Y
+    if dtype in (torch.float16, torch.bfloat16):
+        X, Y = X.float(), Y.float()
+    if metric == "cosine":
+        X, Y = ref.unit_rows(X), ref.unit_rows(Y)
+    core, finite = sqdist_centered(X, Y)
+    if check_finite and V.data_checks(X) and not bool(finite):
+        checks = V.Checks(op)
+        checks.finite("x", X0)
+        checks.finite("y", Y0)
+        checks.run()  # raises for NaN/inf; a finite overflow (inf distances) goes on as before
+    if metric == "euclidean":
+        out = ref.safe_sqrt(core)
+    elif metric == "cosine":
+        out = ref.cosine_from_units(0.5 * core, X, Y)
+    else:
+        out = core
+    return out.to(dtype)
 
 
 def _pairwise_kernel(X: Tensor, Y: Tensor, metric: str, xm: Optional[Tensor], ym: Optional[Tensor],
