@@ -158,3 +158,64 @@ def test_compile_fullgraph():
 def test_bad_input(args, kwargs, err, match):
     with pytest.raises(err, match=match):
         xlt_fast.pairwise_distance(*args, **kwargs)
+
+
+# -- the CPU path without masks: one fused kernel (centring, norms, finiteness flag, GEMM,
+#    refinement), or the direct sum for d <= DIRECT_MAX_D -----------------------------------------
+
+FUSED_D = (1, ops_pairwise.DIRECT_MAX_D, ops_pairwise.DIRECT_MAX_D + 1, 40)
+
+
+@pytest.mark.parametrize("d", FUSED_D)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_fused_paths_accurate_and_exact_zero(d, dtype):
+    """Both sides of the direct/GEMM switch, with a large common offset (the direct sum is exact;
+    the GEMM path centres first): fp64 reference within 1e-5, identical rows exactly 0."""
+    x, y = _points(3, 21, 18, d, "cpu", offset=30.0, seed=d)
+    x, y = x.to(dtype), y.to(dtype)
+    y[:, :4] = x[:, :4]
+    ref = xlt_fast.pairwise_distance(x.double(), y.double(), "sqeuclidean", backend="reference")
+    for metric in ("sqeuclidean", "euclidean"):
+        out = xlt_fast.pairwise_distance(x, y, metric, backend="cpu")
+        assert out.dtype == dtype
+        _close(out, ref if metric == "sqeuclidean" else ref.sqrt(), rtol=1e-5 if dtype == torch.float32 else 1e-12)
+        assert torch.all(out[:, torch.arange(4), torch.arange(4)] == 0), (metric, d)
+
+
+@pytest.mark.parametrize("d", (3, 40))
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine"])
+def test_cpu_fused_gradcheck(d, metric):
+    x, y = _points(2, 4, 5, d, "cpu", offset=3.0, seed=7)
+    x, y = x.double().requires_grad_(), y.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: xlt_fast.pairwise_distance(a, b, metric, backend="cpu"), (x, y))
+
+
+@pytest.mark.parametrize("d", (3, 40))
+def test_cpu_fused_opcheck(d):
+    x, y = _points(2, 5, 6, d, "cpu")
+    torch.library.opcheck(ops_pairwise.sqdist_centered, (x.requires_grad_(), y.requires_grad_()))
+
+
+@pytest.mark.parametrize("d", (3, 40))
+@pytest.mark.parametrize("which", ["x", "y"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_cpu_fused_nonfinite_named(d, which, bad):
+    """The kernel's flag sends non-finite inputs to the exact check, which names the argument."""
+    x, y = _points(2, 5, 6, d, "cpu")
+    (x if which == "x" else y)[1, 2, d - 1] = bad
+    with pytest.raises(ValueError, match=f"{which} contains NaN or inf"):
+        xlt_fast.pairwise_distance(x, y, backend="cpu")
+    out = xlt_fast.pairwise_distance(x, y, backend="cpu", check_finite=False)  # no check: no error
+    assert out.shape == (2, 5, 6)
+
+
+@pytest.mark.parametrize("d", (3, 40))
+def test_cpu_fused_finite_overflow_is_not_an_error(d):
+    """Finite inputs whose squares overflow fp32 raise the kernel's flag, but the exact check passes:
+    no error, a result is computed as on the other paths (the direct sum: inf where it overflows)."""
+    x, y = _points(1, 3, 4, d, "cpu")
+    x[0, 0] *= 1e20
+    out = xlt_fast.pairwise_distance(x, y, backend="cpu")
+    assert out.shape == (1, 3, 4)
+    if d <= ops_pairwise.DIRECT_MAX_D:
+        assert torch.isinf(out[0, 0]).all() and torch.isfinite(out[0, 1:]).all()
