@@ -73,3 +73,27 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         out.append(Case("critic_gp", shape, "fwd+bwd", impls, baseline="eager double backward",
                         reference="reference" if "reference" in impls else None))
     return out
+
+
+def floor_impl(B: int, k=None, device: torch.device = torch.device("cpu"), dtype=torch.float32):
+    """The GEMMs ``critic_gp``'s closed form cannot avoid at this case's shapes, alone (no row stages,
+    no epilogue), as a zero-argument callable: its time is the case's floor.
+
+    N = 2B rows, K = B interpolated rows, W1v = W1 viewed as (H*k, D). Forward: ``y = Z W1v^T``
+    (N rows) and ``G = U W1`` (K rows); backward: ``dW1 = E^T Z`` and ``dZ = E W1v`` (N rows each) and
+    ``T = M~^T G`` (K rows): 2 + 1 + 2 + 2 + 1 = 8 units of (B, D, H*k), where the double backward
+    does 11.
+    """
+    g = torch.Generator(device="cpu").manual_seed(0)
+    kk = k or 1
+    w1 = torch.randn(H, kk * D, generator=g).to(device, dtype)
+    z = torch.randn(2 * B, D, generator=g).to(device, dtype)
+    e = torch.randn(2 * B, H * kk, generator=g).to(device, dtype)
+    u = torch.randn(B, H, generator=g).to(device, dtype)
+    gm = torch.randn(B, kk * D, generator=g).to(device, dtype)
+    w1v = w1.view(H * kk, D)
+
+    def run():
+        return (torch.mm(z, w1v.T), torch.mm(u, w1), torch.mm(e.T, z), torch.mm(e, w1v), torch.mm(u.T, gm))
+
+    return run

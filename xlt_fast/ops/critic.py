@@ -27,6 +27,8 @@ fused kernels of ``csrc/critic_cpu.cpp`` and ``csrc/cuda/critic.cu``.
 """
 from __future__ import annotations
 
+import math
+import threading
 from typing import Literal, Optional, Sequence, Union
 
 import torch
@@ -42,6 +44,29 @@ T_BLOCK = 2 ** 22  # entries of T = M~^T G formed at once in the backward (16 Mi
 
 def _blocks(start: int, stop: int, step: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, stop)) for a in range(start, stop, step)]
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(role: str, shape: tuple[int, ...], like: Tensor) -> Optional[Tensor]:
+    """A contiguous CPU buffer of ``shape`` for a temporary that never leaves the op (``y``, ``u_mix``,
+    ``e``, ``T``), reused across calls: one per role, dtype and thread, grown when too small (at most
+    the Y_BLOCK / T_BLOCK sizes, so a few tens of MiB). A fresh multi-MiB tensor costs a page fault
+    per 4 KiB on first touch, as much as the elementwise stage that fills it. None off the CPU (the
+    CUDA caching allocator already reuses memory): the caller allocates."""
+    if like.device.type != "cpu":
+        return None
+    n = math.prod(shape)
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get((role, like.dtype))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(role, like.dtype)] = like.new_empty(n)
+    return buf[:n].view(shape)
+
+
+def _mm(a: Tensor, b: Tensor, out: Optional[Tensor]) -> Tensor:
+    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 CriticParams = Union[Sequence[Tensor], torch.nn.Module]
 Normalize = Literal["sum_w", "n"]
 NORMALIZE = ("sum_w", "n")
@@ -70,9 +95,15 @@ def _critic_gp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, z_src: Tensor, z_
     w1 = w1.contiguous()
     w1v = w1.view(H * k, d)
     if (n + m) * H * k <= Y_BLOCK:
-        y = torch.mm(torch.cat([z_src, z_tgt]), w1v.T)
+        z = torch.cat([z_src, z_tgt], out=_scratch("z", (n + m, d), z_src))
         p = None if p_src is None else torch.cat([p_src, p_tgt])
-        estimate, f, h, mask_mix, u_mix = ext.critic_rows_fwd(y, p, b1, w2, b2, coef, alpha, n)
+        if backend == "cpu":  # h (saved) straight from the GEMM when k == 1; y, u_mix in scratch
+            h = z.new_empty(n + m, H)
+            y = torch.mm(z, w1v.T, out=h if k == 1 else _scratch("y", (n + m, H * k), z))
+            estimate, f, h, mask_mix, u_mix = ext.critic_rows_fwd_out(y, p, b1, w2, b2, coef, alpha, n, h,
+                                                                      _scratch("u", (K, H), z))
+        else:
+            estimate, f, h, mask_mix, u_mix = ext.critic_rows_fwd(torch.mm(z, w1v.T), p, b1, w2, b2, coef, alpha, n)
         g_mix = torch.mm(u_mix, w1)
         return estimate, ext.critic_penalty(g_mix), f, h, mask_mix, g_mix
     estimate, f, h = z_src.new_zeros(()), z_src.new_empty(n + m), z_src.new_empty(n + m, H)
@@ -115,12 +146,18 @@ def _critic_gp_backward(grad_est: Tensor, grad_pen: Tensor, w1: Tensor, w2: Tens
     d, H = z_src.shape[1], w1.shape[0]
     k = w1.shape[1] // d
     w1 = w1.contiguous()
-    z = torch.cat([z_src, z_tgt])
+    N = z_src.shape[0] + z_tgt.shape[0]
+    z = torch.cat([z_src, z_tgt], out=_scratch("z", (N, d), z_src))
     p = None if p_src is None else torch.cat([p_src, p_tgt])
     coef = grad_est * coef
     dz = []
-    for a, b in _blocks(0, z.shape[0], max(1, Y_BLOCK // (H * k))):  # e is (rows, H*k)
-        e, gb1_b, gw2_b = ext.critic_rows_bwd(h[a:b], None if p is None else p[a:b], w2, coef[a:b])
+    for a, b in _blocks(0, N, max(1, Y_BLOCK // (H * k))):  # e is (rows, H*k)
+        pb = None if p is None else p[a:b]
+        e = _scratch("e", (b - a, H * k), z) if backend == "cpu" else None
+        if e is None:
+            e, gb1_b, gw2_b = ext.critic_rows_bwd(h[a:b], pb, w2, coef[a:b])
+        else:
+            gb1_b, gw2_b = ext.critic_rows_bwd_out(h[a:b], pb, w2, coef[a:b], e)
         if a == 0:
             gw1, gb1, gw2 = torch.mm(e.T, z[a:b]), gb1_b, gw2_b
         else:
@@ -134,7 +171,8 @@ def _critic_gp_backward(grad_est: Tensor, grad_pen: Tensor, w1: Tensor, w2: Tens
     scale = grad_pen * (2.0 / mask_mix.shape[0])
     rows = max(1, T_BLOCK // w1.shape[1])
     for j0 in range(0, H, rows):  # T = M~^T G block by block: O(T_BLOCK) extra memory, not O(H k d)
-        t = torch.mm(mask_mix[:, j0:j0 + rows].T, g_mix)
+        mj = mask_mix[:, j0:j0 + rows]
+        t = _mm(mj.T, g_mix, _scratch("t", (mj.shape[1], g_mix.shape[1]), g_mix))
         gw2[j0:j0 + rows] += ext.critic_gp_epilogue(gw1[j0:j0 + rows], t, w1[j0:j0 + rows], w2[j0:j0 + rows], scale)
     gb2 = coef.sum()
     return gw1, gb1, gw2, gb2.reshape(()), dz
@@ -208,6 +246,14 @@ def _params(critic_params: CriticParams) -> tuple[Tensor, Tensor, Tensor, Tensor
     return w1, b1, w2, b2.reshape(())
 
 
+def _check_finite(checks: V.Checks, name: str, t: Tensor) -> None:
+    """``checks.finite(name, t)`` through t's (min, max): one reduction pass without a temporary (the
+    max and min propagate NaN, and every entry is finite iff both are), where ``isfinite(t).all()``
+    takes several passes and a bool tensor of t's size (6 ms for the 2048 x 768 W1 on one core)."""
+    if checks.check_finite and t.numel():
+        checks.finite(name, torch.stack(torch.aminmax(t.detach())))
+
+
 def _check_distribution(p: Tensor, name: str, rows: int, k: int, checks: V.Checks) -> None:
     V.floating(p, name, OP)
     if tuple(p.shape) != (rows, k):
@@ -225,9 +271,9 @@ def _check_inputs(critic_params, z_src, z_tgt, p_src, p_tgt, src_weight, normali
         V.floating(z, name, OP)
         if z.dim() != 2 or z.shape[0] == 0 or z.shape[1] == 0:
             raise ValueError(f"{OP}: {name} must have shape (rows, d) with rows, d >= 1, got {tuple(z.shape)}")
-        checks.finite(name, z)
+        _check_finite(checks, name, z)
     for name, t in (("W1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        checks.finite(f"critic_params.{name}", t)
+        _check_finite(checks, f"critic_params.{name}", t)
     (n, d), m = z_src.shape, z_tgt.shape[0]
     if z_tgt.shape[1] != d:
         raise ValueError(f"{OP}: z_src and z_tgt must have the same feature size d, got {d} and {z_tgt.shape[1]}")
