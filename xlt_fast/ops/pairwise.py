@@ -19,8 +19,9 @@ METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 # Entries with D <= REFINE_TOL * (|x|^2 + |y|^2) are recomputed exactly. Elsewhere the expansion's
 # rounding error, about sqrt(d) * 2^-24 * (|x|^2 + |y|^2), stays below sqrt(d) * 2^-20 * D.
 REFINE_TOL = 2.0 ** -4
-# The CPU kernel sums (x_ik - y_jk)^2 directly (exact, no GEMM) up to this feature size.
-DIRECT_MAX_D = 8
+# The CPU kernel sums (x_ik - y_jk)^2 directly (exact, no GEMM) up to this feature size (above it the
+# GEMM path is faster; with d rows of y^T 4 KiB apart, m = 1024, larger d also thrashes L1 sets).
+DIRECT_MAX_D = 4
 
 
 @torch.library.custom_op("xlt_fast::sqdist", mutates_args=())
