@@ -299,13 +299,13 @@ def _fmt(v: Optional[float], spec: str) -> str:
 def table(rows: list[Row]) -> str:
     """The printed table; ``% floor`` is floor time / our time (100 % is the bound), ``target`` the
     case's target ratio with ``ok`` / ``MISSED``."""
-    head = (f"{'op':<20} {'shape':<26} {'mode':<8} {'impl':<22} {'median ms':>10} {'ratio':>8} {'% floor':>8} "
+    head = (f"{'op':<20} {'shape':<36} {'mode':<8} {'impl':<22} {'median ms':>10} {'ratio':>8} {'% floor':>8} "
             f"{'target':>13} {'max err':>9} {'peak MB':>8}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         tgt = "" if r.target is None else f"{r.target:.2f}x " + ("-" if r.met is None else "ok" if r.met else "MISSED")
         pct = "" if r.pct_of_floor is None else f"{r.pct_of_floor:7.0f}%"
-        lines.append(f"{r.op:<20} {r.shape:<26} {r.mode:<8} {r.impl:<22} {_fmt(r.median_ms, '10.3f')} "
+        lines.append(f"{r.op:<20} {r.shape:<36} {r.mode:<8} {r.impl:<22} {_fmt(r.median_ms, '10.3f')} "
                      f"{_fmt(r.ratio, '7.2f')}x {pct:>8} {tgt:>13} {_fmt(r.max_err, '9.1e')} "
                      f"{_fmt(r.peak_mb, '8.1f')}  {r.note}")
     return "\n".join(lines)
