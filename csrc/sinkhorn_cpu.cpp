@@ -129,13 +129,18 @@ void softmin(const T* C, int64_t ld, int64_t rows, int64_t cols, const T* h, T e
   }
 }
 
-// sum_i w_i |1 - exp((p_i - pt_i) / eps)| over real points (w_i = exp(logw_i)).
+// The stopping rule's violation over real points (w_i = exp(logw_i)), in double with expm1 (no
+// cancellation in 1 - exp(x) at small x; xlt_fast.reference.sinkhorn.stop_error computes the same
+// numbers, so the reported violation and this test agree): sum_i w_i |expm1((p_i - pt_i) / eps)|
+// (l2 = false), or sum_i (w_i expm1(...))^2 (l2 = true, the square of POT's L2 norm).
 template <typename T>
-T marginal_error(const T* logw, const T* p, const T* pt, int64_t len, T eps) {
-  T err = 0;
+double marginal_error(const T* logw, const T* p, const T* pt, int64_t len, double eps, bool l2) {
+  double err = 0;
   for (int64_t i = 0; i < len; ++i) {
     if (!(logw[i] > -std::numeric_limits<T>::infinity())) continue;
-    err += std::exp(logw[i]) * std::abs(T(1) - std::exp((p[i] - pt[i]) / eps));
+    const double v = std::exp(static_cast<double>(logw[i])) *
+                     std::abs(std::expm1((static_cast<double>(p[i]) - static_cast<double>(pt[i])) / eps));
+    err += l2 ? v * v : v;
   }
   return err;
 }
@@ -150,7 +155,7 @@ int64_t extent(const T* logw, int64_t len) {
 
 template <typename T>
 void solve_problems(const T* Cg, const T* la, const T* lb, const double* log_eps0, const int32_t* n_anneal,
-                    double log_ratio, double eps_t, int64_t n_iters, double tol, bool symmetric, int64_t B,
+                    double log_ratio, double eps_t, int64_t n_iters, double tol, bool symmetric, int64_t rule, int64_t B,
                     int64_t n, int64_t m, T* fp_out, T* gp_out, T* f_out, T* g_out, int32_t* it_out) {
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf;
@@ -195,20 +200,36 @@ void solve_problems(const T* Cg, const T* la, const T* lb, const double* log_eps
       const int64_t na = n_anneal[b];
       const int64_t total = na + n_iters;
       int32_t iters = 0;
+      const bool alternate = rule & 1, l2 = rule & 2;
+      const double tol2 = tol * tol;
       for (int64_t t = 0; t < total; ++t) {
         e = t < na ? static_cast<T>(std::exp(log_eps0[b] + static_cast<double>(std::max<int64_t>(t - 1, 0)) * log_ratio))
                    : static_cast<T>(eps_t);
         const T inv = T(1) / e;
         for (int64_t j = 0; j < me; ++j) h[j] = logb[j] + g[j] * inv;
         softmin(C, me, ne, me, h, e, ft, tmp);
+        if (alternate) {
+          // Gauss-Seidel (POT): f <- softmin(C, log b + g/eps), then g <- softmin(C^T, log a + f/eps).
+          // After a g update at the target eps the columns of the plan of (f, g) are exact, so the
+          // row pass above gives its whole violation: test it once the previous update ran at eps.
+          if (tol > 0 && t > na) {
+            const double err = marginal_error(loga, f, ft, ne, eps_t, l2);
+            if (l2 ? err < tol2 : err < tol) break;
+          }
+          std::copy(ft, ft + ne, f);
+          for (int64_t i = 0; i < ne; ++i) h[i] = loga[i] + f[i] * inv;
+          softmin(Ccol, ne, me, ne, h, e, g, tmp);
+          ++iters;
+          continue;
+        }
         if (!symmetric) {
           for (int64_t i = 0; i < ne; ++i) h[i] = loga[i] + f[i] * inv;
           softmin(Ccol, ne, me, ne, h, e, gt, tmp);
         }
         if (tol > 0 && t >= na) {
-          T err = marginal_error(loga, f, ft, ne, e);
-          err += symmetric ? err : marginal_error(logb, g, gt, me, e);
-          if (err < static_cast<T>(tol)) break;
+          double err = marginal_error(loga, f, ft, ne, eps_t, false);
+          err += symmetric ? err : marginal_error(logb, g, gt, me, eps_t, false);
+          if (err < tol) break;
         }
         for (int64_t i = 0; i < ne; ++i) f[i] = T(0.5) * (f[i] + ft[i]);
         if (symmetric) std::copy(f, f + ne, g);
@@ -237,7 +258,7 @@ void solve_problems(const T* Cg, const T* la, const T* lb, const double* log_eps
 std::vector<at::Tensor> sinkhorn_solve_cpu(const at::Tensor& C_in, const at::Tensor& loga_in,
                                            const at::Tensor& logb_in, const at::Tensor& log_eps0_in,
                                            const at::Tensor& n_anneal_in, double log_ratio, double eps,
-                                           int64_t n_iters, double tol, bool symmetric) {
+                                           int64_t n_iters, double tol, bool symmetric, int64_t rule) {
   check_cpu_float(C_in, "C");
   check_dim(C_in, 3, "C");
   check_dim(loga_in, 2, "loga");
@@ -248,6 +269,9 @@ std::vector<at::Tensor> sinkhorn_solve_cpu(const at::Tensor& C_in, const at::Ten
   TORCH_CHECK(log_eps0_in.numel() == B && n_anneal_in.numel() == B, "log_eps0 and n_anneal must have B entries");
   TORCH_CHECK(!symmetric || n == m, "a symmetric problem needs a square cost");
   TORCH_CHECK(eps > 0 && n_iters >= 1, "eps must be > 0 and n_iters >= 1");
+  TORCH_CHECK(rule >= 0 && rule <= 3, "rule must be 0..3 (bit 0: alternate updates, bit 1: POT's L2 row test)");
+  TORCH_CHECK(!(symmetric && (rule & 1)), "alternate updates have no symmetric (g = f) form");
+  TORCH_CHECK((rule & 1) || !(rule & 2), "POT's L2 row test needs alternate updates (exact columns)");
   const at::Tensor C = C_in.contiguous();
   const at::Tensor loga = loga_in.to(C.scalar_type()).contiguous();
   const at::Tensor logb = logb_in.to(C.scalar_type()).contiguous();
@@ -259,7 +283,7 @@ std::vector<at::Tensor> sinkhorn_solve_cpu(const at::Tensor& C_in, const at::Ten
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "sinkhorn_solve_cpu", [&] {
     solve_problems<scalar_t>(C.data_ptr<scalar_t>(), loga.data_ptr<scalar_t>(), logb.data_ptr<scalar_t>(),
                              log_eps0.data_ptr<double>(), n_anneal.data_ptr<int32_t>(), log_ratio, eps, n_iters,
-                             tol, symmetric, B, n, m, fp.data_ptr<scalar_t>(), gp.data_ptr<scalar_t>(),
+                             tol, symmetric, rule, B, n, m, fp.data_ptr<scalar_t>(), gp.data_ptr<scalar_t>(),
                              f.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), iters.data_ptr<int32_t>());
   });
   return {fp, gp, f, g, iters};
@@ -320,17 +344,158 @@ at::Tensor sinkhorn_plan_cpu(const at::Tensor& C_in, const at::Tensor& h_in, con
   return out;
 }
 
+// Squared-distance costs of one call, per problem in one task (at::parallel_for over the batch):
+// the real points of x and y minus their common mean (padded rows become zeros), the diameter of
+// their bounding box, and k |x_i - y_j|^2 for the pairs (x, y) and, with debias, (x, x) and (y, y),
+// by the expansion |u|^2 + |v|^2 - 2 <u, v> (one GEMM each) with the entries at or below
+// refine_tol (|u|^2 + |v|^2) recomputed directly (csrc/pairwise_cpu.cpp's rule). The same numbers as
+// xlt_fast.ops.sinkhorn._centred followed by the pairwise kernel, without the passes over the
+// (B, n, d) inputs that those make one op at a time.
+template <typename T>
+void sq_block(const T* u, const T* v, const T* nu, const T* nv, int64_t rows, int64_t cols, int64_t d, T k,
+              double refine_tol, T* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = out + i * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      const T scale = nu[i] + nv[j];
+      T val = scale - 2 * row[j];
+      if (scale > 0 && val <= static_cast<T>(refine_tol) * scale) {
+        const T* ui = u + i * d;
+        const T* vj = v + j * d;
+        T acc = 0;
+        for (int64_t q = 0; q < d; ++q) {
+          const T diff = ui[q] - vj[q];
+          acc += diff * diff;
+        }
+        val = acc;
+      }
+      row[j] = k * (val > 0 ? val : T(0));
+    }
+  }
+}
+
+std::vector<at::Tensor> sinkhorn_sq_costs_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& xm_in,
+                                              const at::Tensor& ym_in, double k, bool debias, double refine_tol) {
+  check_cpu_float(x_in, "x");
+  check_dim(x_in, 3, "x");
+  check_dim(y_in, 3, "y");
+  const int64_t B = x_in.size(0), n = x_in.size(1), m = y_in.size(1), d = x_in.size(2);
+  TORCH_CHECK(y_in.size(0) == B && y_in.size(2) == d, "x (B, n, d) and y (B, m, d) must share B and d");
+  TORCH_CHECK(xm_in.dim() == 2 && xm_in.size(0) == B && xm_in.size(1) == n && ym_in.dim() == 2 &&
+                  ym_in.size(0) == B && ym_in.size(1) == m,
+              "masks must have shapes (B, n) and (B, m)");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = y_in.to(x.scalar_type()).contiguous();
+  const at::Tensor xm = xm_in.to(at::kBool).contiguous(), ym = ym_in.to(at::kBool).contiguous();
+  at::Tensor C = at::empty({B, n, m}, x.options());
+  at::Tensor Cxx = debias ? at::empty({B, n, n}, x.options()) : at::empty({0, 0, 0}, x.options());
+  at::Tensor Cyy = debias ? at::empty({B, m, m}, x.options()) : at::empty({0, 0, 0}, x.options());
+  at::Tensor diam = at::empty({B}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_sq_costs_cpu", [&] {
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    const T* yp = y.data_ptr<T>();
+    const bool* xmp = xm.data_ptr<bool>();
+    const bool* ymp = ym.data_ptr<bool>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> buf(static_cast<size_t>((n + m) * (d + 1) + 3 * d));
+      std::vector<double> acc(d);
+      T* X = buf.data();
+      T* Y = X + n * d;
+      T* nx = Y + m * d;
+      T* ny = nx + n;
+      T* c = ny + m;
+      T* lo = c + d;
+      T* hi = lo + d;
+      const auto opts = x.options();
+      const at::Tensor Xt = at::from_blob(X, {n, d}, opts), Yt = at::from_blob(Y, {m, d}, opts);
+      for (int64_t b = begin; b < end; ++b) {
+        const T* xb = xp + b * n * d;
+        const T* yb = yp + b * m * d;
+        const bool* xr = xmp + b * n;
+        const bool* yr = ymp + b * m;
+        std::fill(acc.begin(), acc.end(), 0.0);
+        int64_t cnt = 0;
+        for (int64_t i = 0; i < n; ++i)
+          if (xr[i]) {
+            ++cnt;
+            for (int64_t q = 0; q < d; ++q) acc[q] += xb[i * d + q];
+          }
+        for (int64_t j = 0; j < m; ++j)
+          if (yr[j]) {
+            ++cnt;
+            for (int64_t q = 0; q < d; ++q) acc[q] += yb[j * d + q];
+          }
+        const double inv_cnt = 1.0 / static_cast<double>(std::max<int64_t>(cnt, 1));
+        for (int64_t q = 0; q < d; ++q) c[q] = static_cast<T>(acc[q] * inv_cnt);
+        std::fill(lo, lo + d, T(0));  // the centroid 0 lies in the box of the real points
+        std::fill(hi, hi + d, T(0));
+        auto shift = [&](const T* src, const bool* real, T* dst, T* norms, int64_t rows) {
+          for (int64_t i = 0; i < rows; ++i) {
+            T* o = dst + i * d;
+            T s = 0;
+            if (!real[i]) {
+              std::fill(o, o + d, T(0));
+            } else {
+              for (int64_t q = 0; q < d; ++q) {
+                const T val = src[i * d + q] - c[q];
+                o[q] = val;
+                s += val * val;
+                lo[q] = val < lo[q] ? val : lo[q];
+                hi[q] = val > hi[q] ? val : hi[q];
+              }
+            }
+            norms[i] = s;
+          }
+        };
+        shift(xb, xr, X, nx, n);
+        shift(yb, yr, Y, ny, m);
+        double span = 0;
+        for (int64_t q = 0; q < d; ++q) span += static_cast<double>(hi[q] - lo[q]) * static_cast<double>(hi[q] - lo[q]);
+        diam.data_ptr<T>()[b] = static_cast<T>(std::sqrt(span));
+        const T kk = static_cast<T>(k);
+        // GEMMs over the leading blocks up to the last real point only (padded rows are zeros, their
+        // products 0): a problem gives the same bits padded or not, and ragged batches do less work
+        int64_t ne = n, me = m;
+        while (ne > 0 && !xr[ne - 1]) --ne;
+        while (me > 0 && !yr[me - 1]) --me;
+        auto gram = [&](at::Tensor out, const at::Tensor& U, int64_t ru, const at::Tensor& W, int64_t rw) {
+          out.zero_();
+          if (ru > 0 && rw > 0) {
+            at::Tensor blk = out.narrow(0, 0, ru).narrow(1, 0, rw);
+            blk.copy_(at::mm(U.narrow(0, 0, ru), W.narrow(0, 0, rw).t()));
+          }
+        };
+        at::Tensor Cb = C.select(0, b);
+        gram(Cb, Xt, ne, Yt, me);
+        sq_block<T>(X, Y, nx, ny, n, m, d, kk, refine_tol, Cb.data_ptr<T>());
+        if (debias) {
+          at::Tensor Cxb = Cxx.select(0, b), Cyb = Cyy.select(0, b);
+          gram(Cxb, Xt, ne, Xt, ne);
+          sq_block<T>(X, X, nx, nx, n, n, d, kk, refine_tol, Cxb.data_ptr<T>());
+          gram(Cyb, Yt, me, Yt, me);
+          sq_block<T>(Y, Y, ny, ny, m, m, d, kk, refine_tol, Cyb.data_ptr<T>());
+        }
+      }
+    });
+  });
+  return {C, Cxx, Cyy, diam};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(xlt_fast_C, m) {
   m.def("sinkhorn_solve(Tensor C, Tensor loga, Tensor logb, Tensor log_eps0, Tensor n_anneal, float log_ratio, "
-        "float eps, int n_iters, float tol, bool symmetric) -> Tensor[]");
+        "float eps, int n_iters, float tol, bool symmetric, int rule=0) -> Tensor[]");
   m.def("sinkhorn_plan(Tensor C, Tensor h, Tensor w, float eps, bool cols) -> Tensor");
+  m.def("sinkhorn_sq_costs(Tensor x, Tensor y, Tensor x_mask, Tensor y_mask, float k, bool debias, "
+        "float refine_tol) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(xlt_fast_C, CPU, m) {
   m.impl("sinkhorn_solve", &sinkhorn_solve_cpu);
   m.impl("sinkhorn_plan", &sinkhorn_plan_cpu);
+  m.impl("sinkhorn_sq_costs", &sinkhorn_sq_costs_cpu);
 }
 
 }  // namespace xlt_fast

@@ -236,15 +236,19 @@ def test_opcheck():
     ops = torch.ops.xlt_fast
     xr, yr = x.requires_grad_(), y.requires_grad_()
     torch.library.opcheck(ops.sinkhorn_points.default,
-                          (xr, yr, aw, bw, xm, ym, "half_sqeuclidean", -1.0, 0.05, 0.5, 1, -1.0, True, "cpu"))
+                          (xr, yr, aw, bw, xm, ym, "half_sqeuclidean", -1.0, 0.05, 0.5, 1, -1.0, True, 0, "cpu"))
     C = torch.rand(2, 5, 4).requires_grad_()
     real = xm.unsqueeze(2) & ym.unsqueeze(1)
-    torch.library.opcheck(ops.sinkhorn_matrix.default, (C, aw, bw, real, 0.1, 0.05, 0.5, 20, 1e-6, "cpu"))
+    torch.library.opcheck(ops.sinkhorn_matrix.default, (C, aw, bw, real, 0.1, 0.05, 0.5, 20, 1e-6, 0, "cpu"))
     log_eps0 = torch.zeros(2, dtype=torch.float64)
     n_anneal = torch.full((2,), 3, dtype=torch.int32)
     torch.library.opcheck(ops.sinkhorn_solve.default,
                           (C.detach(), ref.log_weights(aw), ref.log_weights(bw), log_eps0, n_anneal, -1.0, 0.05,
-                           5, -1.0, False, "cpu"))
+                           5, -1.0, False, 0, "cpu"))
+    for rule in (1, 3):  # alternate updates, with the L1 and POT's L2 test
+        torch.library.opcheck(ops.sinkhorn_solve.default,
+                              (C.detach(), ref.log_weights(aw), ref.log_weights(bw), log_eps0, n_anneal, -1.0,
+                               0.05, 5, 1e-4, False, rule, "cpu"))
     for cols in (False, True):
         torch.library.opcheck(ops.sinkhorn_plan.default,
                               (C.detach(), torch.randn(2, 5 if cols else 4), aw if not cols else bw, 0.1, cols, "cpu"))
@@ -275,6 +279,8 @@ def test_hard_coupling_and_average():
     (lambda x, y: xlt_fast.sinkhorn(x, y, cost=torch.rand(2, 4, 5)), "x and y must be None"),
     (lambda x, y: xlt_fast.sinkhorn(cost=torch.rand(4, 5, 6, 7)), r"shape \(B, n, m\)"),
     (lambda x, y: xlt_fast.sinkhorn(x, y, x_mask=torch.ones(2, 3, dtype=torch.bool)), "x_mask must have shape"),
+    (lambda x, y: xlt_fast.sinkhorn(x, y, update="jacobi"), "update must be one of"),
+    (lambda x, y: xlt_fast.sinkhorn(x, y, eps=0.1, tol=1e-3, stop="pot"), "stop='pot' needs update='alternate'"),
 ])
 def test_bad_inputs(call, match):
     x, y, _, _ = clouds(2, 4, 5, 3, dtype=torch.float32)
@@ -535,3 +541,61 @@ def test_compiles_fullgraph_with_tol():
     with pytest.warns(ConvergenceWarning):
         want = fn(x, y)
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- update and stopping rules
+def test_reference_alternate_matches_pot_solve_batch():
+    """update="alternate", stop="pot" is POT solve_batch's log-Sinkhorn: the same plans at a fixed eps
+    (to 1e-9 at convergence, float64), and with the same tol both end below it on POT's quantity;
+    the alternate rule needs about half the averaged rule's updates."""
+    from ot.batch import solve_batch
+    x, y, _, _ = clouds(3, 9, 7, 5, scale=0.7, seed=21)
+    C = 0.5 * torch.cdist(x, y) ** 2
+    eps = 0.3
+    pot = solve_batch(C, eps, max_iter=3000, tol=1e-12, method="log_sinkhorn", reg_type="kl", grad="detach")
+    alt = xlt_fast.sinkhorn(cost=C, eps=eps, n_iters=3000, tol=1e-12, update="alternate", stop="pot",
+                            return_plan=True, backend="reference")
+    assert rel(alt.plan, pot.plan) < 1e-9
+    tol, iters = 1e-6, {}
+    for update, stop in (("alternate", "pot"), ("alternate", "marginals"), ("averaged", "marginals")):
+        r = ref.sinkhorn(None, None, None, None, None, None, C, eps, n_iters=3000, tol=tol, update=update, stop=stop)
+        assert (r["stop_error"] < tol).all() and (r["iters"] < 3000).all()
+        iters[update, stop] = r["iters"].double().mean()
+        if stop == "pot":
+            n_pot = int(r["iters"].max())
+    from ot.batch._utils import bregman_log_projection_batch
+    pot_iters = int(bregman_log_projection_batch(-C / eps, max_iter=3000, tol=tol)["n_iters"]) + 1
+    assert abs(pot_iters - n_pot) <= 11  # the same test; POT evaluates it (on the batch) every 10 updates
+    assert iters["alternate", "pot"] <= iters["alternate", "marginals"]  # L1 of both >= L2 of the rows
+    assert iters["averaged", "marginals"] > 1.5 * iters["alternate", "marginals"]
+
+
+@pytest.mark.parametrize("update,stop", [("alternate", "pot"), ("alternate", "marginals")])
+def test_cpu_alternate_matches_reference(update, stop):
+    """The C++ kernel's alternate updates and both stopping rules against the reference: the same
+    per-problem iteration counts (the tests compute the same float64 numbers) and potentials, masks."""
+    x, y, xm, ym = clouds(4, 12, 9, 6, masks=True, seed=22)
+    kw = dict(x_mask=xm, y_mask=ym, eps=0.2, n_iters=2000, tol=1e-7, update=update, stop=stop, return_plan=True)
+    want = xlt_fast.sinkhorn(x, y, backend="reference", **kw)
+    got = xlt_fast.sinkhorn(x, y, backend="cpu", **kw)
+    assert torch.equal(got.n_iters, want.n_iters) and (want.n_iters < 2000).all()
+    assert rel(got.cost, want.cost) < 1e-12 and rel(got.plan, want.plan) < 1e-10
+    g32 = xlt_fast.sinkhorn(x.float(), y.float(), backend="cpu", **{**kw, "tol": 1e-4})
+    w32 = xlt_fast.sinkhorn(x, y, backend="reference", **{**kw, "tol": 1e-4})
+    assert rel(g32.cost, w32.cost) < 1e-5 and (g32.n_iters - w32.n_iters).abs().max() <= 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_no_warning_when_every_problem_stopped(backend):
+    """A problem that the solver stopped early is never reported above tol (the report and the test
+    compute the same float64 numbers; they once differed at float32 rounding: 1.00048e-5 > 1e-5)."""
+    from xlt_fast.ops.sinkhorn import ConvergenceWarning
+    g = torch.Generator().manual_seed(23)
+    C = torch.rand(64, 20, 16, generator=g) * 0.6 + 0.07
+    for update, stop in (("averaged", "marginals"), ("alternate", "pot")):
+        for tol in (1e-4, 1e-5):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ConvergenceWarning)
+                r = xlt_fast.sinkhorn(cost=C, eps=0.05, n_iters=5000, tol=tol, update=update, stop=stop,
+                                      backend=backend)
+            assert (r.n_iters < 5000).all()

@@ -12,6 +12,24 @@ input are checked (one read-back per call, ``check_finite=False`` skips), padded
 at the op boundary, so no backend reads them. Non-convergence is reported, not hidden:
 ``SinkhornResult.marginal_error`` always, a :class:`ConvergenceWarning` when ``tol`` is missed.
 
+Stopping rules, ours and POT's (``ot.batch.solve_batch(method="log_sinkhorn")``, read in
+``ot/batch/_utils.py``: ``bregman_log_projection_batch``):
+
+- POT: alternate updates ``u = log a - LSE(K + v)``, ``v = log b - LSE(K^T + u)``; every 10th update
+  (loop index 0, 10, 20, ...) it forms the plan, takes the L2 norm of its row-marginal violation
+  ``|T 1 - a|_2`` per problem (the columns are exact right after the v update) and stops the whole
+  batch once the largest is below ``tol``.
+- ours, ``stop="marginals"`` (default): the L1 violation of both marginals, ``|P 1 - a|_1 + |P^T 1 -
+  b|_1``, per problem, at every update (free: the row sums come from the next row pass). L1 >= L2
+  and both sides count, so it is the stricter test: the same ``tol`` runs more updates than POT.
+- ours, ``stop="pot"`` (with ``update="alternate"``): POT's quantity ``|P 1 - a|_2``, per problem,
+  at every update. Both tests are computed in float64 (expm1) by the kernel and again, on the same
+  numbers, for the report, so a problem that stopped is never reported above ``tol``.
+
+Update rules: ``"averaged"`` (default; GeomLoss's symmetric updates, f and g from the previous pair,
+averaged) and ``"alternate"`` (Gauss-Seidel as POT; at a fixed eps about half the updates to the
+same tol). The divergence, eps-scaling's debiasing problems and the Triton kernel use the averaged rule.
+
 Custom ops:
 - ``xlt_fast::sinkhorn_solve`` runs the loop on a detached cost (C++ CPU kernel or Triton kernel);
   it returns the previous and the extrapolated potentials and the iteration counts.
@@ -36,7 +54,7 @@ import torch
 from torch import Tensor
 
 from xlt_fast import _backend, _validate as V
-from xlt_fast.ops.pairwise import _pairwise_kernel, check_points_pair, sqdist
+from xlt_fast.ops.pairwise import REFINE_TOL, _pairwise_kernel, check_points_pair, sqdist
 from xlt_fast.reference import sinkhorn as ref
 from xlt_fast.reference.pairwise import unit_rows
 
@@ -47,21 +65,25 @@ DEFAULT_FIXED_ITERS = 100
 # ----------------------------------------------------------------------------- solver core op
 @torch.library.custom_op("xlt_fast::sinkhorn_solve", mutates_args=())
 def sinkhorn_solve(C: Tensor, loga: Tensor, logb: Tensor, log_eps0: Tensor, n_anneal: Tensor, log_ratio: float,
-                   eps: float, n_iters: int, tol: float, symmetric: bool,
+                   eps: float, n_iters: int, tol: float, symmetric: bool, rule: int,
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Sinkhorn loop on ``C (B, n, m)``: ``(f_prev, g_prev, f, g, iters)`` (``tol <= 0``: no early exit)."""
+    """Sinkhorn loop on ``C (B, n, m)``: ``(f_prev, g_prev, f, g, iters)`` (``tol <= 0``: no early exit).
+    ``rule``: ``xlt_fast.reference.sinkhorn.rule_code`` (0: averaged updates, L1 test of both marginals)."""
     if backend == "triton":
+        if rule:
+            raise ValueError("xlt_fast::sinkhorn_solve: the Triton kernel has the averaged update only "
+                             "(update='alternate' / stop='pot' run on the cpu and reference backends)")
         from xlt_fast.kernels.sinkhorn import solve as triton_solve
 
         return triton_solve(C, loga, logb, log_eps0, n_anneal, log_ratio, eps, n_iters, tol, symmetric)
     if backend == "cpu":
         return tuple(_backend.extension().sinkhorn_solve(C, loga, logb, log_eps0, n_anneal, log_ratio, eps,
-                                                         n_iters, tol, symmetric))
+                                                         n_iters, tol, symmetric, rule))
     raise ValueError(f"xlt_fast::sinkhorn_solve: no kernel for backend {backend!r}")
 
 
 @sinkhorn_solve.register_fake
-def _(C, loga, logb, log_eps0, n_anneal, log_ratio, eps, n_iters, tol, symmetric, backend):
+def _(C, loga, logb, log_eps0, n_anneal, log_ratio, eps, n_iters, tol, symmetric, rule, backend):
     B, n, m = C.shape
     return (C.new_empty(B, n), C.new_empty(B, m), C.new_empty(B, n), C.new_empty(B, m),
             C.new_empty(B, dtype=torch.int32))
@@ -91,9 +113,17 @@ def _sq_grad(k: float, Ws: list[Tensor], signs: list[float], x: Tensor, others: 
     """``sum_t sign_t sum_j W_t,ij d/dx_i k |x_i - o_t,j|^2`` = ``2k (r_i x_i - sum_t sign_t W_t o_t)``,
     ``r = sum_t sign_t rowsum(W_t)``, by accumulating GEMMs."""
     r = sum(s * W.sum(2, keepdim=True) for W, s in zip(Ws, signs))
-    out = (2 * k) * r * x
-    for W, s, o in zip(Ws, signs, others):
-        out = out.baddbmm_(W, o, alpha=-2 * k * s)
+    own = [t for t, o in enumerate(others) if o is x]
+    if not own:
+        out = (2 * k) * r * x
+    else:  # r_i x_i - s_t (W_t x)_i = ((diag(r) - s_t W_t) x)_i: one GEMM, no pass over x
+        t = own[0]
+        M = -signs[t] * Ws[t]
+        M.diagonal(0, 1, 2).add_(r[..., 0])
+        out = torch.bmm(M, x).mul_(2 * k)
+    for t, (W, s, o) in enumerate(zip(Ws, signs, others)):
+        if t not in own[:1]:
+            out = out.baddbmm_(W, o, alpha=-2 * k * s)
     return out
 
 
@@ -120,10 +150,10 @@ def _schedule(scale: Tensor, p: int, eps: float, blur: float, scaling: float, B:
     return log_eps0, n_anneal, _target_eps(eps, blur, p)
 
 
-def _solve(C, loga, logb, sched, log_ratio, n_iters, tol, symmetric, kind):
+def _solve(C, loga, logb, sched, log_ratio, n_iters, tol, symmetric, kind, rule=0):
     log_eps0, n_anneal, target = sched
     return sinkhorn_solve(C.detach().contiguous(), loga, logb, log_eps0, n_anneal, log_ratio, target, n_iters,
-                          tol, symmetric, kind)
+                          tol, symmetric, rule, kind)
 
 
 def _masks(xm: Optional[Tensor], ym: Optional[Tensor], B: int, n: int, m: int, device):
@@ -171,7 +201,7 @@ class _Costs:
 
 @torch.library.custom_op("xlt_fast::sinkhorn_points", mutates_args=())
 def sinkhorn_points(x: Tensor, y: Tensor, aw: Tensor, bw: Tensor, x_mask: Tensor, y_mask: Tensor, cost: str,
-                    eps: float, blur: float, scaling: float, n_iters: int, tol: float, debias: bool,
+                    eps: float, blur: float, scaling: float, n_iters: int, tol: float, debias: bool, rule: int,
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """OT_eps (``debias=False``) or S_eps per problem between weighted point clouds.
 
@@ -184,7 +214,12 @@ def sinkhorn_points(x: Tensor, y: Tensor, aw: Tensor, bw: Tensor, x_mask: Tensor
     B, n, _ = x.shape
     m = y.shape[1]
     p = ref.COST_P[cost]
-    if cost == "cosine":  # not translation invariant: its kernel normalises the raw rows
+    if backend == "cpu" and cost in ("half_sqeuclidean", "sqeuclidean"):
+        # centring, diameter and the three costs per problem in one C++ task (the same numbers)
+        C, Cxx, Cyy, scale = _backend.extension().sinkhorn_sq_costs(
+            x, y, x_mask, y_mask, 0.5 if cost == "half_sqeuclidean" else 1.0, debias, REFINE_TOL)
+        costs = None
+    elif cost == "cosine":  # not translation invariant: its kernel normalises the raw rows
         costs = _Costs(x, y, x_mask, y_mask, cost, backend)
         C = costs(False)
         scale = ref.cost_range(C, x_mask.unsqueeze(-1) & y_mask.unsqueeze(-2))
@@ -195,13 +230,13 @@ def sinkhorn_points(x: Tensor, y: Tensor, aw: Tensor, bw: Tensor, x_mask: Tensor
     sched = _schedule(scale, p, eps, blur, scaling, B, x.device)
     loga, logb = ref.log_weights(aw), ref.log_weights(bw)
     log_ratio = p * math.log(scaling)
-    fp, gp, f, g, iters = _solve(C, loga, logb, sched, log_ratio, n_iters, tol, False, backend)
+    fp, gp, f, g, iters = _solve(C, loga, logb, sched, log_ratio, n_iters, tol, False, backend, rule)
     value = (aw * f).sum(1) + (bw * g).sum(1)
     zx, zy = torch.zeros_like(f), torch.zeros_like(g)
     faa, faap, gbb, gbbp = zx, zx, zy, zy
-    Cxx, Cyy = C.new_empty(0, 0, 0), C.new_empty(0, 0, 0)
+    if costs is not None:
+        Cxx, Cyy = costs(True) if debias else (C.new_empty(0, 0, 0), C.new_empty(0, 0, 0))
     if debias:
-        Cxx, Cyy = costs(True)
         faap, _, faa, _, _ = _solve(Cxx, loga, loga, sched, log_ratio, n_iters, tol, True, backend)
         gbbp, _, gbb, _, _ = _solve(Cyy, logb, logb, sched, log_ratio, n_iters, tol, True, backend)
         value = value - (aw * faa).sum(1) - (bw * gbb).sum(1)
@@ -211,7 +246,7 @@ def sinkhorn_points(x: Tensor, y: Tensor, aw: Tensor, bw: Tensor, x_mask: Tensor
 
 
 @sinkhorn_points.register_fake
-def _(x, y, aw, bw, x_mask, y_mask, cost, eps, blur, scaling, n_iters, tol, debias, backend):
+def _(x, y, aw, bw, x_mask, y_mask, cost, eps, blur, scaling, n_iters, tol, debias, rule, backend):
     B, n, _ = x.shape
     m = y.shape[1]
     return (x.new_empty(B), x.new_empty(B, 4, n), x.new_empty(B, 4, m), x.new_empty(B, dtype=torch.int32),
@@ -224,7 +259,7 @@ def _target_eps(eps: float, blur: float, p: int) -> float:
 
 
 def _points_setup(ctx, inputs, output) -> None:
-    x, y, aw, bw, _, _, cost, eps, blur, _, _, _, debias, backend = inputs
+    x, y, aw, bw, _, _, cost, eps, blur, _, _, _, debias, _, backend = inputs
     _, F, G, iters, C, Cxx, Cyy = output
     ctx.save_for_backward(x, y, aw, bw, F, G, C, Cxx, Cyy)
     ctx.cost, ctx.debias, ctx.backend = cost, debias, backend
@@ -245,9 +280,9 @@ def _points_backward(ctx, gv: Tensor, *_):
     if not ctx.debias:
         if sq:
             return (_sq_grad(k, [Wx], [1.0], x, [y]), _sq_grad(k, [Wy], [1.0], y, [x]), ga, gb,
-                    None, None, None, None, None, None, None, None, None, None)
+                    None, None, None, None, None, None, None, None, None, None, None)
         return (_cost_grad(Wx, x, y, C, ctx.cost), _cost_grad(Wy, y, x, C.transpose(1, 2), ctx.cost), ga, gb,
-                None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)
     Wxx = sinkhorn_plan(Cxx, la + F[:, 3] / eps, Ga, eps, False, be)
     Wyy = sinkhorn_plan(Cyy, lb + G[:, 3] / eps, Gb, eps, False, be)
     if sq:
@@ -258,7 +293,7 @@ def _points_backward(ctx, gv: Tensor, *_):
         gy = _cost_grad(Wy, y, x, C.transpose(1, 2), ctx.cost) - _cost_grad(Wyy, y, y, Cyy, ctx.cost)
     ga = ga - gv.unsqueeze(1) * F[:, 2]
     gb = gb - gv.unsqueeze(1) * G[:, 2]
-    return gx, gy, ga, gb, None, None, None, None, None, None, None, None, None, None
+    return gx, gy, ga, gb, None, None, None, None, None, None, None, None, None, None, None
 
 
 sinkhorn_points.register_autograd(_points_backward, setup_context=_points_setup)
@@ -267,7 +302,7 @@ sinkhorn_points.register_autograd(_points_backward, setup_context=_points_setup)
 # ----------------------------------------------------------------------------- precomputed-cost op
 @torch.library.custom_op("xlt_fast::sinkhorn_matrix", mutates_args=())
 def sinkhorn_matrix(C: Tensor, aw: Tensor, bw: Tensor, real: Tensor, eps: float, blur: float, scaling: float,
-                    n_iters: int, tol: float,
+                    n_iters: int, tol: float, rule: int,
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """OT_eps per problem for a precomputed cost ``C (B, n, m)`` (padded entries already 0; ``real``
     the (B, n, m) mask of real pairs). The schedule scale is the range of the real entries, p = 1.
@@ -275,13 +310,13 @@ def sinkhorn_matrix(C: Tensor, aw: Tensor, bw: Tensor, real: Tensor, eps: float,
     B = C.shape[0]
     sched = _schedule(ref.cost_range(C, real), 1, eps, blur, scaling, B, C.device)
     loga, logb = ref.log_weights(aw), ref.log_weights(bw)
-    fp, gp, f, g, iters = _solve(C, loga, logb, sched, math.log(scaling), n_iters, tol, False, backend)
+    fp, gp, f, g, iters = _solve(C, loga, logb, sched, math.log(scaling), n_iters, tol, False, backend, rule)
     value = (aw * f).sum(1) + (bw * g).sum(1)
     return value, torch.stack([f, fp], 1), torch.stack([g, gp], 1), iters
 
 
 @sinkhorn_matrix.register_fake
-def _(C, aw, bw, real, eps, blur, scaling, n_iters, tol, backend):
+def _(C, aw, bw, real, eps, blur, scaling, n_iters, tol, rule, backend):
     B, n, m = C.shape
     return C.new_empty(B), C.new_empty(B, 2, n), C.new_empty(B, 2, m), C.new_empty(B, dtype=torch.int32)
 
@@ -302,7 +337,7 @@ def _matrix_backward(ctx, gv: Tensor, *_):
     Wf = sinkhorn_plan(C, lb + G[:, 1] / eps, half * aw, eps, False, be)
     Wg = sinkhorn_plan(C, la + F[:, 1] / eps, half * bw, eps, True, be)
     return Wf + Wg.transpose(1, 2), gv.unsqueeze(1) * F[:, 0], gv.unsqueeze(1) * G[:, 0], None, None, None, None, \
-        None, None, None
+        None, None, None, None
 
 
 sinkhorn_matrix.register_autograd(_matrix_backward, setup_context=_matrix_setup)
@@ -436,21 +471,31 @@ def _prepare_cost(cost, a, b, x_mask, y_mask, check_finite, op):
     return Cm, aw, bw, xf, yf, real
 
 
-def _kernel_result(value, F, G, iters, C, aw, bw, xm, ym, eps, return_plan) -> dict:
+def _errors(aw, bw, F, G, eps, stop: str) -> tuple[Tensor, Tensor]:
+    """``(marginal_error in aw's dtype, the stopping rule's float64 violation)`` of a kernel's
+    ``F[:, :2] = [f, f_prev]``, ``G``, from the weights as the kernels read them (exp of log w in
+    float64): the numbers of the kernel's own test, so a problem it stopped is never reported above tol."""
+    wa, wb = ref.log_weights(aw).double().exp(), ref.log_weights(bw).double().exp()
+    err = ref.marginal_error(wa, F[:, 1], F[:, 0], wb, G[:, 1], G[:, 0], eps, True)
+    return err.to(aw.dtype), (ref.row_error_l2(wa, F[:, 1], F[:, 0], eps) if stop == "pot" else err)
+
+
+def _kernel_result(value, F, G, iters, C, aw, bw, xm, ym, eps, return_plan, stop) -> dict:
     """A kernel op's outputs (``F[:, :2] = [f, f_prev]``, likewise ``G``) as the reference's dict."""
     f, g = F[:, 0] * xm, G[:, 0] * ym
-    return {"value": value, "f": f, "g": g, "iters": iters,
-            "marginal_error": ref.marginal_error(aw, F[:, 1], F[:, 0], bw, G[:, 1], G[:, 0], eps),
+    err, stop_err = _errors(aw, bw, F, G, eps, stop)
+    return {"value": value, "f": f, "g": g, "iters": iters, "marginal_error": err, "stop_error": stop_err,
             "plan": _full_plan(f, g, C, aw, bw, eps) if return_plan else None}
 
 
 def _warn_unconverged(err: Tensor, tol: Optional[float], warn: Optional[bool], n_iters: int, op: str) -> None:
-    """:class:`ConvergenceWarning` when ``tol`` was asked for and a problem's marginal violation is
-    above it (or NaN). ``warn`` None: on CPU tensors only (elsewhere the read-back is a host sync);
-    never while tracing or capturing."""
+    """:class:`ConvergenceWarning` when ``tol`` was asked for and a problem's violation (the stopping
+    rule's quantity, float64, computed as the kernels' test computes it) is not below it (or NaN).
+    ``warn`` None: on CPU tensors only (elsewhere the read-back is a host sync); never while tracing
+    or capturing."""
     if tol is None or warn is False or (warn is None and err.device.type != "cpu") or not V.data_checks(err):
         return
-    count, worst = torch.stack([(~(err <= tol)).sum().to(err.dtype), err.max()]).tolist()
+    count, worst = torch.stack([(~(err < tol)).sum().to(err.dtype), err.max()]).tolist()
     if count:
         warnings.warn(f"{op}: {int(count)} of {err.numel()} problems did not reach tol={tol:g} in n_iters={n_iters} "
                       f"(largest marginal violation {worst:.3g}); raise n_iters, or eps / blur",
@@ -462,6 +507,7 @@ def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional
              cost: Union[str, Tensor] = "half_sqeuclidean", eps: Optional[float] = None, blur: float = 0.05,
              scaling: float = 0.5, n_iters: Optional[int] = None, tol: Optional[float] = None,
              return_plan: bool = False, check_finite: bool = True, warn: Optional[bool] = None,
+             update: str = "averaged", stop: str = "marginals",
              backend: _backend.Backend = "auto") -> SinkhornResult:
     """Entropic OT ``OT_eps(a, b) = min_P <P, C> + eps KL(P | a (x) b)`` per problem (seed 003 eq. 1).
 
@@ -478,7 +524,17 @@ def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional
         eps: fixed temperature; None uses eps-scaling from each problem's own diameter D (for cosine
             and precomputed costs the range of the cost) to ``blur**p`` by factors ``scaling**p``.
         n_iters: updates at the final eps (default 1 with eps-scaling, as GeomLoss; 100 with a fixed eps).
-        tol: early exit per problem once its marginal violation (``marginal_error``) is below ``tol``.
+        tol: early exit per problem once the violation that ``stop`` names is below ``tol``.
+        update: ``"averaged"`` (default; GeomLoss's symmetric updates ``f <- (f + softmin) / 2``,
+            ``g`` likewise, both from the previous potentials) or ``"alternate"`` (Gauss-Seidel, as
+            POT: ``f <- softmin(C, log b + g / eps)`` then ``g`` from the new ``f``; about half the
+            updates to a given tolerance at a fixed eps). With eps-scaling both anneal alike.
+        stop: the stopping rule for ``tol``. ``"marginals"`` (default): the L1 violation of both
+            marginals ``|P 1 - a|_1 + |P^T 1 - b|_1`` (``marginal_error``), per problem, tested at
+            every update. ``"pot"`` (``update="alternate"`` only): POT ``solve_batch``'s quantity, the
+            L2 norm ``|P 1 - a|_2`` of the row violation (the columns are exact after an alternate
+            update), per problem, tested at every update (POT tests the largest over the batch every
+            10 updates). L1 of both sides >= L2 of the rows: ``"marginals"`` is the stricter test.
         return_plan: also return the plan ``(B, n, m)``.
         check_finite: reject NaN / inf in the real entries of x, y, a, b or cost (``ValueError``
             naming it; one host read-back with the range checks). False skips it, for inputs checked
@@ -493,11 +549,18 @@ def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional
     Gradients (of ``cost`` only) by the envelope theorem; see the module docstring. At a fixed eps
     and convergence the plan is POT's ``ot.sinkhorn(a, b, C, eps, method="sinkhorn_log")``, but
     ``cost`` is the entropic value ``<P, C> + eps KL(P | a (x) b)``, not ``ot.sinkhorn2``'s
-    ``<P, C>``; POT's iterates (alternate updates, a stopping rule on the L2 violation of b, a
-    warning at ``numItermax``) differ from these (averaged updates, the L1 violation of a and b).
+    ``<P, C>``. POT's ``ot.batch.solve_batch(method="log_sinkhorn")`` iterates are
+    ``update="alternate"``'s; its test (every 10 updates, on the batch's largest ``|P 1 - a|_2``)
+    is ``stop="pot"``'s quantity.
     """
     op = "sinkhorn"
     eps_v, blur, scaling, n_iters, tol_v = _options(eps, blur, scaling, n_iters, tol, op)
+    V.choice(update, "update", ref.UPDATES, op)
+    V.choice(stop, "stop", ref.STOPS, op)
+    if stop == "pot" and update != "alternate":
+        raise ValueError(f"{op}: stop='pot' needs update='alternate' (POT's test reads the rows only, which "
+                         f"bounds the whole violation only when the columns are exact)")
+    rule = ref.rule_code(update, stop)
     ref_eps, ref_tol = (None if eps is None else eps_v), (None if tol is None else tol_v)
     if isinstance(cost, Tensor):
         if x is not None or y is not None:
@@ -508,10 +571,10 @@ def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional
         target = _target_eps(eps_v, blur, 1)
         if kind == "reference":
             r = ref.sinkhorn(None, None, aw, bw, xm, ym, Cm, ref_eps, blur, scaling, n_iters, ref_tol,
-                             return_plan=return_plan)
+                             return_plan=return_plan, update=update, stop=stop)
         else:
-            value, F, G, iters = sinkhorn_matrix(Cm, aw, bw, real, eps_v, blur, scaling, n_iters, tol_v, kind)
-            r = _kernel_result(value, F, G, iters, Cm.detach(), aw, bw, xm, ym, target, return_plan)
+            value, F, G, iters = sinkhorn_matrix(Cm, aw, bw, real, eps_v, blur, scaling, n_iters, tol_v, rule, kind)
+            r = _kernel_result(value, F, G, iters, Cm.detach(), aw, bw, xm, ym, target, return_plan, stop)
     else:
         unbatched = isinstance(x, Tensor) and x.dim() == 2
         X, Y, aw, bw, xm, ym = _prepare_points(x, y, a, b, x_mask, y_mask, cost, check_finite, op)
@@ -520,12 +583,12 @@ def sinkhorn(x: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional
         target = _target_eps(eps_v, blur, ref.COST_P[cost])
         if kind == "reference":
             r = ref.sinkhorn(X, Y, aw, bw, xm, ym, cost, ref_eps, blur, scaling, n_iters, ref_tol,
-                             return_plan=return_plan)
+                             return_plan=return_plan, update=update, stop=stop)
         else:
             value, F, G, iters, C, _, _ = sinkhorn_points(X, Y, aw, bw, xm, ym, cost, eps_v, blur, scaling, n_iters,
-                                                          tol_v, False, kind)
-            r = _kernel_result(value, F, G, iters, C, aw, bw, xm, ym, target, return_plan)
-    _warn_unconverged(r["marginal_error"], tol, warn, n_iters, op)
+                                                          tol_v, False, rule, kind)
+            r = _kernel_result(value, F, G, iters, C, aw, bw, xm, ym, target, return_plan, stop)
+    _warn_unconverged(r["stop_error"], tol, warn, n_iters, op)
     out = [r["value"].to(dtype), r["f"], r["g"], r.get("plan"), r["iters"], r["marginal_error"]]
     if unbatched:
         out = [t if t is None else t[0] for t in out]
@@ -575,13 +638,13 @@ def sinkhorn_divergence(x: Tensor, y: Tensor, a: Optional[Tensor] = None, b: Opt
     if kind == "reference":
         r = ref.sinkhorn(X, Y, aw, bw, xm, ym, cost, None if eps is None else eps_v, blur, scaling, n_iters,
                          None if tol is None else tol_v, debias=True)
-        value, err = r["value"], r["marginal_error"]
+        value, err = r["value"], r["stop_error"]
     else:
-        value, F, G = sinkhorn_points(X, Y, aw, bw, xm, ym, cost, eps_v, blur, scaling, n_iters, tol_v, True,
+        value, F, G = sinkhorn_points(X, Y, aw, bw, xm, ym, cost, eps_v, blur, scaling, n_iters, tol_v, True, 0,
                                       kind)[:3]
-        err = ref.marginal_error(aw, F[:, 1], F[:, 0], bw, G[:, 1], G[:, 0], target)
+        err = _errors(aw, bw, F, G, target, "marginals")[1]
         for w, P in ((aw, F), (bw, G)):  # OT(a, a), OT(b, b): symmetric, g = f
-            err = torch.maximum(err, ref.marginal_error(w, P[:, 3], P[:, 2], w, P[:, 3], P[:, 2], target))
+            err = torch.maximum(err, _errors(w, w, P[:, 2:], P[:, 2:], target, "marginals")[1])
     _warn_unconverged(err, tol, warn, n_iters, op)
     value = value.to(x.dtype)
     return value[0] if unbatched else value

@@ -105,31 +105,70 @@ def log_weights(w: Tensor) -> Tensor:
     return torch.where(w > 0, torch.log(torch.where(w > 0, w, 1)), -math.inf)
 
 
+def _side_terms(w: Tensor, p: Tensor, q: Tensor, eps) -> Tensor:
+    """``w_i |expm1((p_i - q_i) / eps)|`` in float64 (expm1: no cancellation in 1 - exp at small
+    arguments; the C++ kernel's stopping test computes the same numbers), 0 where w_i = 0."""
+    eps = eps.double() if isinstance(eps, Tensor) else eps
+    t = w.double() * torch.expm1((p.double() - q.double()) / eps).abs()
+    return torch.where(w > 0, t, 0)
+
+
 def marginal_error(a: Tensor, f_prev: Tensor, f: Tensor, b: Tensor, g_prev: Tensor, g: Tensor,
-                   eps: Union[float, Tensor]) -> Tensor:
+                   eps: Union[float, Tensor], double: bool = False) -> Tensor:
     """L1 marginal violation ``|P 1 - a|_1 + |P^T 1 - b|_1`` per problem ``(B,)`` of the plan
     ``P_ij = a_i b_j exp((f'_i + g'_j - C_ij) / eps)`` of the potentials ``f', g'`` before the
     extrapolation ``f = softmin_eps(C, log b + g' / eps)``, ``g = softmin_eps(C^T, log a + f' / eps)``:
     the row sums of ``P`` are ``a_i exp((f'_i - f_i) / eps)``, so no pass over ``C`` is needed and it
-    is the violation that ``tol`` bounds. ``eps``: a float or ``(B, 1)``. Points without mass
-    contribute 0 (whatever their potentials: no 0 * inf)."""
-    def side(w: Tensor, p: Tensor, q: Tensor) -> Tensor:
-        return torch.where(w > 0, w * (1 - torch.exp((p - q) / eps)).abs(), 0).sum(1)
+    is the violation that ``tol`` bounds (with ``stop="marginals"``). ``eps``: a float or ``(B, 1)``.
+    Points without mass contribute 0 (whatever their potentials: no 0 * inf). Computed in float64;
+    returned in a's dtype, or float64 with ``double`` (what the tolerance test compares)."""
+    err = _side_terms(a, f_prev, f, eps).sum(1) + _side_terms(b, g_prev, g, eps).sum(1)
+    return err if double else err.to(a.dtype)
 
-    return side(a, f_prev, f) + side(b, g_prev, g)
+
+def row_error_l2(a: Tensor, f_prev: Tensor, f: Tensor, eps: Union[float, Tensor]) -> Tensor:
+    """POT's stopping quantity ``|P 1 - a|_2`` (the L2 norm of the row-marginal violation; POT's
+    ``solve_batch`` checks it after the column update, whose columns are exact) of the plan of
+    ``f', g'`` as in :func:`marginal_error`, float64 ``(B,)``."""
+    return _side_terms(a, f_prev, f, eps).square().sum(1).sqrt()
+
+
+# update rules of the fixed-eps loop: bit 0 alternate (Gauss-Seidel) updates, bit 1 POT's L2 row test
+UPDATES = ("averaged", "alternate")
+STOPS = ("marginals", "pot")
+
+
+def rule_code(update: str, stop: str) -> int:
+    """The solvers' ``rule`` integer for an update rule and a stopping rule."""
+    return int(update == "alternate") + 2 * int(stop == "pot")
 
 
 def solve(C: Tensor, loga: Tensor, logb: Tensor, log_eps0: Tensor, n_anneal: Tensor, log_ratio: float,
-          eps: float, n_iters: int, tol: Optional[float], symmetric: bool = False):
-    """Symmetric Sinkhorn loop on a detached cost ``C (B, n, m)``.
+          eps: float, n_iters: int, tol: Optional[float], symmetric: bool = False, rule: int = 0):
+    """Sinkhorn loop on a detached cost ``C (B, n, m)``.
 
-    Runs per problem ``n_anneal`` annealing iterations then up to ``n_iters`` at ``eps``, stopping a
-    problem early once the L1 marginal violation of its plan before an update,
+    Runs per problem ``n_anneal`` annealing iterations then up to ``n_iters`` at ``eps``.
+
+    ``rule`` 0 (``update="averaged"``, the default): symmetric updates ``f <- (f + ft) / 2``,
+    ``g <- (g + gt) / 2`` with ``ft = softmin_eps(C, log b + g / eps)``, ``gt = softmin_eps(C^T, log a
+    + f / eps)``, stopping a problem once the L1 marginal violation of its plan before an update,
     ``sum_i a_i |1 - exp((f_i - ft_i) / eps)| + sum_j b_j |1 - exp((g_j - gt_j) / eps)|``, is below
-    ``tol``. ``symmetric`` (C = C^T, a = b): g is f, as for GeomLoss's OT(a, a).
+    ``tol`` (tested at every update at the target eps). ``symmetric`` (C = C^T, a = b): g is f, as
+    for GeomLoss's OT(a, a).
+
+    ``rule`` bit 0 (``update="alternate"``): Gauss-Seidel updates as POT's ``sinkhorn_log``,
+    ``f <- ft``, then ``g <- softmin_eps(C^T, log a + f / eps)``; the columns of the plan are then
+    exact, so the violation is the rows' alone, tested before each update whose previous update ran
+    at ``eps``. Bit 1 (``stop="pot"``, with alternate updates only): the test is POT's, the L2 norm
+    ``|P 1 - a|_2 < tol`` instead of the L1 violation of both marginals.
     Returns the previous potentials ``(f, g)`` (before the last extrapolation) and iterations.
     """
     C = C.detach()
+    alternate, l2 = bool(rule & 1), bool(rule & 2)
+    if alternate and symmetric:
+        raise ValueError("alternate updates have no symmetric (g = f) form")
+    if l2 and not alternate:
+        raise ValueError("POT's L2 row test needs alternate updates (exact columns)")
     B = C.shape[0]
     e0 = torch.exp(log_eps0)
     f = _softmin(e0, C, logb)
@@ -137,17 +176,27 @@ def solve(C: Tensor, loga: Tensor, logb: Tensor, log_eps0: Tensor, n_anneal: Ten
     iters = torch.zeros(B, dtype=torch.int32, device=C.device)
     active = torch.ones(B, dtype=torch.bool, device=C.device)
     total = n_anneal + n_iters
+    wa, wb = loga.double().exp(), logb.double().exp()  # the kernels' exp(log w): the same test numbers
     for t in range(int(total.max())):  # host loop: the reference favours clarity over capture
         e = eps_at(t, log_eps0, n_anneal, log_ratio, eps)
-        ft = _softmin(e, C, logb + g / e.to(C.dtype).unsqueeze(-1))
-        gt = ft if symmetric else _softmin(e, C.transpose(1, 2), loga + f / e.to(C.dtype).unsqueeze(-1))
+        ec = e.to(C.dtype).unsqueeze(-1)
+        ft = _softmin(e, C, logb + g / ec)
         run = active & (t < total)
-        if tol is not None:
-            err = marginal_error(loga.exp(), f, ft, logb.exp(), g, gt, e.to(C.dtype).unsqueeze(-1))
-            run = run & ~((t >= n_anneal) & (err < tol))
-        r = run.unsqueeze(-1)
-        f = torch.where(r, 0.5 * (f + ft), f)
-        g = f if symmetric else torch.where(r, 0.5 * (g + gt), g)
+        if alternate:
+            if tol is not None:
+                err = row_error_l2(wa, f, ft, eps) if l2 else marginal_error(wa, f, ft, wb, g, g, eps, True)
+                run = run & ~((t > n_anneal) & (err < tol))
+            r = run.unsqueeze(-1)
+            f = torch.where(r, ft, f)
+            g = torch.where(r, _softmin(e, C.transpose(1, 2), loga + f / ec), g)
+        else:
+            gt = ft if symmetric else _softmin(e, C.transpose(1, 2), loga + f / ec)
+            if tol is not None:
+                err = marginal_error(wa, f, ft, wb, g, gt, eps, True)
+                run = run & ~((t >= n_anneal) & (err < tol))
+            r = run.unsqueeze(-1)
+            f = torch.where(r, 0.5 * (f + ft), f)
+            g = f if symmetric else torch.where(r, 0.5 * (g + gt), g)
         iters = iters + run.to(torch.int32)
         active = run
         if not bool(active.any()):
@@ -173,15 +222,18 @@ def sinkhorn(x: Optional[Tensor], y: Optional[Tensor], a: Optional[Tensor] = Non
              x_mask: Optional[Tensor] = None, y_mask: Optional[Tensor] = None, cost="half_sqeuclidean",
              eps: Optional[float] = None, blur: float = 0.05, scaling: float = 0.5,
              n_iters: Optional[int] = None, tol: Optional[float] = None, debias: bool = False,
-             return_plan: bool = False) -> dict:
+             return_plan: bool = False, update: str = "averaged", stop: str = "marginals") -> dict:
     """Reference entropic OT (``debias=False``) or Sinkhorn divergence (``debias=True``).
 
     Inputs are batched ``(B, n, d)``, ``(B, m, d)`` (already validated), or ``x = y = None`` with a
     precomputed ``cost`` tensor ``(B, n, m)``. Returns a dict with ``value (B,)`` (differentiable),
     detached ``f, g`` (and ``plan (B, n, m)``), ``iters (B,)`` and ``marginal_error (B,)``
-    (:func:`marginal_error`; with ``debias`` the largest of the three problems'). Problems with no
-    real point on a side give 0.
+    (:func:`marginal_error`; with ``debias`` the largest of the three problems'), and
+    ``stop_error (B,)`` float64, the quantity ``tol`` bounds (``marginal_error``'s, or with
+    ``stop="pot"`` :func:`row_error_l2`). ``update`` / ``stop``: see :func:`solve` (eps-scaling
+    and the debiasing problems keep the averaged update). Problems with no real point on a side give 0.
     """
+    rule = rule_code(update, stop)
     if isinstance(cost, Tensor):
         B, n, m = cost.shape
         dtype, device = cost.dtype, cost.device
@@ -219,12 +271,15 @@ def sinkhorn(x: Optional[Tensor], y: Optional[Tensor], a: Optional[Tensor] = Non
         n_target = 100 if n_iters is None else n_iters
     log_ratio = p * math.log(scaling)
     with torch.no_grad():
-        fp, gp, iters = solve(C_f, loga, logb, log_eps0, n_anneal, log_ratio, target, n_target, tol)
+        fp, gp, iters = solve(C_f, loga, logb, log_eps0, n_anneal, log_ratio, target, n_target, tol, False, rule)
     f = extrapolate(C_f, logb, gp, target)
     g = extrapolate(C_g.transpose(1, 2), loga, fp, target)
     # value with explicit weights (d value / d a = f, the envelope theorem)
     value = (aw * f).sum(1) + (bw * g).sum(1)
-    err = marginal_error(aw, fp, f.detach(), bw, gp, g.detach(), target)
+    # the weights as the stopping test reads them, exp(log w) in float64: reported and tested agree
+    wa, wb = log_weights(aw).double().exp(), log_weights(bw).double().exp()
+    err = marginal_error(wa, fp, f.detach(), wb, gp, g.detach(), target, True)
+    stop_err = row_error_l2(wa, fp, f.detach(), target) if rule & 2 else err
     out = {"f": f, "g": g}
     if debias:
         if isinstance(cost, Tensor):
@@ -238,8 +293,9 @@ def sinkhorn(x: Optional[Tensor], y: Optional[Tensor], a: Optional[Tensor] = Non
         gbb = extrapolate(C_yy, logb, gbbp, target)
         value = value - (aw * faa).sum(1) - (bw * gbb).sum(1)
         out.update(f_aa=faa, g_bb=gbb)
-        for w, hp, h in ((aw, faap, faa.detach()), (bw, gbbp, gbb.detach())):  # symmetric: g = f
-            err = torch.maximum(err, marginal_error(w, hp, h, w, hp, h, target))
+        for w, hp, h in ((wa, faap, faa.detach()), (wb, gbbp, gbb.detach())):  # symmetric: g = f
+            err = torch.maximum(err, marginal_error(w, hp, h, w, hp, h, target, True))
+        stop_err = err
     value = torch.where(empty, 0, value)
     xm = torch.ones(B, n, dtype=torch.bool, device=device) if x_mask is None else x_mask
     ym = torch.ones(B, m, dtype=torch.bool, device=device) if y_mask is None else y_mask
@@ -253,7 +309,8 @@ def sinkhorn(x: Optional[Tensor], y: Optional[Tensor], a: Optional[Tensor] = Non
         out["plan"] = torch.where(live.unsqueeze(-1), lp.exp(), 0)
     out["value"] = value
     out["iters"] = torch.where(empty, 0, iters)
-    out["marginal_error"] = torch.where(empty, 0, err)
+    out["marginal_error"] = torch.where(empty, 0, err).to(dtype)
+    out["stop_error"] = torch.where(empty, 0, stop_err)
     return out
 
 
