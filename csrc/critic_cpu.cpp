@@ -40,17 +40,20 @@ inline scalar_t preact(const scalar_t* y, const scalar_t* p, int64_t j, int64_t 
   return b1j + static_cast<scalar_t>(s);
 }
 
+// Compiled once, out of line: inlined into the parallel_for lambdas, GCC kept one of the copies a
+// scalar loop with a branch per entry.
+#define XLT_ROW __attribute__((noinline))
 // Row loops as functions of plain pointer arguments: a pointer captured by reference in a lambda
 // is reloaded after every store (the extension builds with -fno-strict-aliasing, as Python's flags
 // say), which kept these loops scalar.
 template <typename T>
-inline void preact_row(const T* y, const T* b1, T* h, int64_t H) {  // h may be y (same index)
+XLT_ROW void preact_row(const T* y, const T* b1, T* h, int64_t H) {  // h may be y (same index)
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) h[j] = b1[j] + y[j];
 }
 
 template <typename T>
-inline acc_type<T, false> relu_dot(const T* __restrict h, const T* __restrict w2, int64_t H) {
+XLT_ROW acc_type<T, false> relu_dot(const T* __restrict h, const T* __restrict w2, int64_t H) {
   acc_type<T, false> acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < H; ++j) acc += static_cast<acc_type<T, false>>(w2[j]) * (h[j] > 0 ? h[j] : T(0));
@@ -58,7 +61,7 @@ inline acc_type<T, false> relu_dot(const T* __restrict h, const T* __restrict w2
 }
 
 template <typename T>
-inline void mix_row(const T* __restrict hs, const T* __restrict ht, T a, T b, const T* __restrict w2,
+XLT_ROW void mix_row(const T* __restrict hs, const T* __restrict ht, T a, T b, const T* __restrict w2,
                     T* __restrict mask, T* __restrict u, int64_t H) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
@@ -69,13 +72,13 @@ inline void mix_row(const T* __restrict hs, const T* __restrict ht, T a, T b, co
 }
 
 template <typename T>
-inline void e_row(const T* __restrict h, const T* __restrict w2, T c, T* __restrict e, int64_t H) {
+XLT_ROW void e_row(const T* __restrict h, const T* __restrict w2, T c, T* __restrict e, int64_t H) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) e[j] = static_cast<T>(h[j] > 0) * (c * w2[j]);  // no branch
 }
 
 template <typename T, typename A>
-inline void colsum_row(const T* __restrict h, A c, A* __restrict sb, A* __restrict sw, int64_t n) {
+XLT_ROW void colsum_row(const T* __restrict h, A c, A* __restrict sb, A* __restrict sw, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {  // branch-free (0/1 factor, h finite): vectorises
     const A on = static_cast<A>(h[j] > 0) * c;
@@ -85,7 +88,7 @@ inline void colsum_row(const T* __restrict h, A c, A* __restrict sb, A* __restri
 }
 
 template <typename T>
-inline acc_type<T, false> sq_norm(const T* __restrict g, int64_t D) {
+XLT_ROW acc_type<T, false> sq_norm(const T* __restrict g, int64_t D) {
   acc_type<T, false> s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t x = 0; x < D; ++x) s += static_cast<acc_type<T, false>>(g[x]) * g[x];
@@ -94,7 +97,7 @@ inline acc_type<T, false> sq_norm(const T* __restrict g, int64_t D) {
 
 // g += sw t; returns W1_j . t (the epilogue's row j).
 template <typename T>
-inline acc_type<T, false> epilogue_row(T* __restrict g, const T* __restrict t, const T* __restrict w, T sw,
+XLT_ROW acc_type<T, false> epilogue_row(T* __restrict g, const T* __restrict t, const T* __restrict w, T sw,
                                        int64_t D) {
 #pragma omp simd
   for (int64_t x = 0; x < D; ++x) g[x] += sw * t[x];
