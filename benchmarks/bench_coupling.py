@@ -146,6 +146,35 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     return out
 
 
+def floor_impl(B: int, mode: str = "fwd+bwd", device: torch.device = torch.device("cpu"), dtype=torch.float32):
+    """The conditioners' GEMMs alone at this case's shapes (no bias, ReLU, epilogue, autograd), as a
+    zero-argument callable: the floor of the ``realnvp`` case ``mode`` ("fwd+bwd" or "inverse").
+
+    Per coupling (its own weights): forward ``x_1 W1^T`` (B, D/2 -> HIDDEN), ``h1 W2^T``, ``h2 W3^T``
+    (-> D); ``"fwd+bwd"`` adds per layer ``G W`` (the input gradient, also for x_1) and ``G^T h``
+    (the weight gradient): 9 GEMMs per coupling, 3 for ``"inverse"``.
+    """
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    dims = [(D // 2, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, D)]
+    layers = [[(rnd(o, i), rnd(B, i), rnd(B, o)) for i, o in dims] for _ in range(N_COUPLINGS)]
+    backward = mode == "fwd+bwd"
+
+    def run():
+        out = []
+        for coupling in layers:
+            for w, h, gy in coupling:
+                out.append(h @ w.T)
+                if backward:
+                    out += [gy @ w, gy.T @ h]
+        return out
+
+    return run
+
+
 
 def interleaved(batches: list[int], reps: int) -> None:
     """Round-robin timing on one thread: each implementation's minimum CPU time (``time.process_time``)
