@@ -277,3 +277,28 @@ def test_bad_params():
     with pytest.raises(ValueError, match="b1 and w2"):
         xlt_fast.critic_gp((torch.randn(4, 3), torch.randn(5), torch.randn(4), torch.randn(())),
                            torch.randn(2, 3), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("k", [None, 3])
+def test_calls_interleaved_before_backward(backend, device, k):
+    """Two calls of different sizes, both forwards before either backward, then the first call's
+    backward again after a third call: the CPU kernels' reused scratch buffers (y, u_mix, e, T) hold
+    nothing a later backward reads, so every result still matches the reference."""
+    first, second = _problem(7, 5, 6, 48, k, True, torch.float64, device), _problem(9, 12, 6, 48, k, False,
+                                                                                   torch.float64, device, seed=1)
+    outs = []
+    for critic, data in (first, second):
+        est, pen = critic.critic_gp(data["z_src"], data["z_tgt"], data["p_src"], data["p_tgt"], data["src_weight"],
+                                    alpha=data["alpha"], backend=backend)
+        outs.append((critic, data, est, pen))
+    for i in (1, 0):
+        critic, data, est, pen = outs[i]
+        grads = torch.autograd.grad(0.7 * est + 1.3 * pen, _leaves(critic, data), retain_graph=True,
+                                    materialize_grads=True)
+        _assert_close([est.detach(), pen.detach()] + list(grads), _reference(critic, data), TOL[torch.float64])
+    critic, data = second
+    critic.critic_gp(data["z_src"], data["z_tgt"], data["p_src"], data["p_tgt"], alpha=data["alpha"], backend=backend)
+    critic, data, est, pen = outs[0]
+    grads = torch.autograd.grad(0.7 * est + 1.3 * pen, _leaves(critic, data), materialize_grads=True)
+    _assert_close([est.detach(), pen.detach()] + list(grads), _reference(critic, data), TOL[torch.float64])
