@@ -141,8 +141,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             inv["normflows"] = _inverse(p.inverse_and_log_det, x)
         base = "nflows" if "nflows" in peers else "reference"
         shape = f"B={B},d={D},K={N_COUPLINGS},H={HIDDEN}"
-        out.append(Case("realnvp", shape, "fwd+bwd", fb, baseline=base))
-        out.append(Case("realnvp", shape, "inverse", inv, baseline=base))
+        out.append(Case("realnvp", shape, "fwd+bwd", fb, baseline=base, floor=floor_impl(B, "fwd+bwd", device)))
+        out.append(Case("realnvp", shape, "inverse", inv, baseline=base, floor=floor_impl(B, "inverse", device)))
     return out
 
 

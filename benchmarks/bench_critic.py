@@ -71,7 +71,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             impls[name] = lambda p=prob, fn=ours: _step(fn, *p)
         shape = f"B={B},D={D}" + (f"x{k}" if k else "") + f",H={H}"
         out.append(Case("critic_gp", shape, "fwd+bwd", impls, baseline="eager double backward",
-                        reference="reference" if "reference" in impls else None))
+                        reference="reference" if "reference" in impls else None, floor=floor_impl(B, k, device)))
     return out
 
 
