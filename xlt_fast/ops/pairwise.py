@@ -159,6 +159,15 @@ def pairwise_distance(x: Tensor, y: Tensor, metric: str = "sqeuclidean", x_mask:
     return out.squeeze(0) if unbatched else out
 
 
+def _from_sqdist(core: Tensor, metric: str, X: Tensor, Y: Tensor) -> Tensor:
+    """The metric from the kernels' output: squared distances (of unit rows X, Y for cosine), or dot."""
+    if metric == "euclidean":
+        return ref.safe_sqrt(core)
+    if metric == "cosine":
+        return ref.cosine_from_units(0.5 * core, X, Y)
+    return core
+
+
 def _cpu_unmasked(X: Tensor, Y: Tensor, metric: str, op: str, check_finite: bool) -> Tensor:
     """The CPU path without masks: one fused kernel call for the centring, the norms, the
     finiteness flag, the GEMM and the refinement (the masked path costs four more passes)."""
@@ -173,13 +182,7 @@ def _cpu_unmasked(X: Tensor, Y: Tensor, metric: str, op: str, check_finite: bool
         checks.finite("x", X0)
         checks.finite("y", Y0)
         checks.run()  # raises for NaN/inf; a finite overflow (inf distances) goes on as before
-    if metric == "euclidean":
-        out = ref.safe_sqrt(core)
-    elif metric == "cosine":
-        out = ref.cosine_from_units(0.5 * core, X, Y)
-    else:
-        out = core
-    return out.to(dtype)
+    return _from_sqdist(core, metric, X, Y).to(dtype)
 
 
 def _pairwise_kernel(X: Tensor, Y: Tensor, metric: str, xm: Optional[Tensor], ym: Optional[Tensor],
@@ -196,12 +199,7 @@ def _pairwise_kernel(X: Tensor, Y: Tensor, metric: str, xm: Optional[Tensor], ym
         c = masked_center(X, Y, xm, ym)
         # padded rows back to exact zeros: their pairs then skip the kernels' refinement
         core = sqdist(V.masked(X - c, xm), V.masked(Y - c, ym), False, kind)
-    if metric == "euclidean":
-        out = ref.safe_sqrt(core)
-    elif metric == "cosine":
-        out = ref.cosine_from_units(0.5 * core, X, Y)
-    else:
-        out = core
+    out = _from_sqdist(core, metric, X, Y)
     if xm is not None or ym is not None:
         b, n, m = out.shape
         xmask = xm if xm is not None else out.new_ones(b, n, dtype=torch.bool)
