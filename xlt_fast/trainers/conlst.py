@@ -344,7 +344,7 @@ def _conl_step(cfg: CoNLSTConfig, state: State, ctx: Context) -> dict[str, float
         loss = loss + lam * loss_clcs
         values["clcs"] = loss_clcs.item()
     ctx.update(loss, ["conl"], values)
-    return {"loss": loss.item(), **values}
+    return {"loss": values["cl"] + lam * values.get("clcs", 0.0), **values}
 
 
 def _nl_step(cfg: CoNLSTConfig, state: State, ctx: Context) -> dict[str, float]:
@@ -364,7 +364,7 @@ def _nl_step(cfg: CoNLSTConfig, state: State, ctx: Context) -> dict[str, float]:
         loss = loss + lam * loss_clcs
         values["clcs"] = loss_clcs.item()
     ctx.update(loss, ["nl"], values)
-    return {"loss": loss.item(), **values}
+    return {"loss": values["nl"] + lam * values.get("clcs", 0.0), **values}
 
 
 # ---------------------------------------------------------------------------------------- stage 2
