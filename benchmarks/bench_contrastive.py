@@ -218,7 +218,6 @@ def conl_timing(metrics: list[str], reps: int, inner: int = 20, max_wait: float 
     medians, and the median over reps of the ratio within a rep (the paired statistic)."""
     import datetime
     import importlib.metadata
-    import json
     import os
     import platform
     import statistics
@@ -227,6 +226,7 @@ def conl_timing(metrics: list[str], reps: int, inner: int = 20, max_wait: float 
     import time
 
     from xlt_fast.benchmarks.harness import _cpu_model
+    from xlt_fast.training import atomic
 
     if threads:
         torch.set_num_threads(threads)
@@ -300,9 +300,7 @@ def conl_timing(metrics: list[str], reps: int, inner: int = 20, max_wait: float 
                       f"{r['paired_median']:5.2f}x (paired median)")
     env["loadavg_end"] = os.getloadavg()
     if out:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic.write_json(out, result)  # never half-written
         print(f"wrote {out}")
     return result
 

@@ -446,12 +446,12 @@ def realnvp_timing(batches: list[int], reps: int, out: str | None = None, thread
     median over reps of the ratio of the two steps of a rep)."""
     import datetime
     import importlib.metadata
-    import json
     import os
     import statistics
     import time
 
     from xlt_fast.benchmarks.harness import _cpu_model
+    from xlt_fast.training import atomic
 
     if threads:
         torch.set_num_threads(threads)
@@ -514,9 +514,7 @@ def realnvp_timing(batches: list[int], reps: int, out: str | None = None, thread
             f"median), CPU time {r['cpu_min']:.2f}x (min)"
             for n in names for r in [row[f"ratio nflows/{n}"]]), flush=True)
     if out:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic.write_json(out, result)  # never half-written
         print(f"wrote {out}")
     return result
 
