@@ -351,6 +351,49 @@ at::Tensor sinkhorn_plan_cpu(const at::Tensor& C_in, const at::Tensor& h_in, con
 // refine_tol (|u|^2 + |v|^2) recomputed directly (csrc/pairwise_cpu.cpp's rule). The same numbers as
 // xlt_fast.ops.sinkhorn._centred followed by the pairwise kernel, without the passes over the
 // (B, n, d) inputs that those make one op at a time.
+// sum of the real rows of src (rows x d) into acc (double), returning their count. Plain restrict
+// pointers (captured ones are reloaded and keep a loop scalar); target_clones: AVX-512 / AVX2 code
+// where the CPU has it (the build has no -march flag).
+template <typename T>
+XLT_CLONES int64_t add_rows(const T* __restrict src, const bool* __restrict real, int64_t rows, int64_t d,
+                 double* __restrict acc) {
+  int64_t cnt = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (!real[i]) continue;
+    ++cnt;
+    const T* __restrict r = src + i * d;
+#pragma omp simd
+    for (int64_t q = 0; q < d; ++q) acc[q] += r[q];
+  }
+  return cnt;
+}
+
+// dst = the real rows of src minus c (padded rows: zeros), their squared norms, and the bounding box
+// [lo, hi] of the centred real rows widened in place.
+template <typename T>
+XLT_CLONES void centre_rows(const T* __restrict src, const bool* __restrict real, const T* __restrict c, int64_t rows,
+                 int64_t d, T* __restrict dst, T* __restrict norms, T* __restrict lo, T* __restrict hi) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* __restrict o = dst + i * d;
+    if (!real[i]) {
+      std::fill(o, o + d, T(0));
+      norms[i] = 0;
+      continue;
+    }
+    const T* __restrict r = src + i * d;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t q = 0; q < d; ++q) {
+      const T val = r[q] - c[q];
+      o[q] = val;
+      s += val * val;
+      lo[q] = val < lo[q] ? val : lo[q];
+      hi[q] = val > hi[q] ? val : hi[q];
+    }
+    norms[i] = s;
+  }
+}
+
 template <typename T>
 void sq_block(const T* u, const T* v, const T* nu, const T* nv, int64_t rows, int64_t cols, int64_t d, T k,
               double refine_tol, T* out) {
@@ -415,41 +458,13 @@ std::vector<at::Tensor> sinkhorn_sq_costs_cpu(const at::Tensor& x_in, const at::
         const bool* xr = xmp + b * n;
         const bool* yr = ymp + b * m;
         std::fill(acc.begin(), acc.end(), 0.0);
-        int64_t cnt = 0;
-        for (int64_t i = 0; i < n; ++i)
-          if (xr[i]) {
-            ++cnt;
-            for (int64_t q = 0; q < d; ++q) acc[q] += xb[i * d + q];
-          }
-        for (int64_t j = 0; j < m; ++j)
-          if (yr[j]) {
-            ++cnt;
-            for (int64_t q = 0; q < d; ++q) acc[q] += yb[j * d + q];
-          }
+        const int64_t cnt = add_rows(xb, xr, n, d, acc.data()) + add_rows(yb, yr, m, d, acc.data());
         const double inv_cnt = 1.0 / static_cast<double>(std::max<int64_t>(cnt, 1));
         for (int64_t q = 0; q < d; ++q) c[q] = static_cast<T>(acc[q] * inv_cnt);
         std::fill(lo, lo + d, T(0));  // the centroid 0 lies in the box of the real points
         std::fill(hi, hi + d, T(0));
-        auto shift = [&](const T* src, const bool* real, T* dst, T* norms, int64_t rows) {
-          for (int64_t i = 0; i < rows; ++i) {
-            T* o = dst + i * d;
-            T s = 0;
-            if (!real[i]) {
-              std::fill(o, o + d, T(0));
-            } else {
-              for (int64_t q = 0; q < d; ++q) {
-                const T val = src[i * d + q] - c[q];
-                o[q] = val;
-                s += val * val;
-                lo[q] = val < lo[q] ? val : lo[q];
-                hi[q] = val > hi[q] ? val : hi[q];
-              }
-            }
-            norms[i] = s;
-          }
-        };
-        shift(xb, xr, X, nx, n);
-        shift(yb, yr, Y, ny, m);
+        centre_rows(xb, xr, c, n, d, X, nx, lo, hi);
+        centre_rows(yb, yr, c, m, d, Y, ny, lo, hi);
         double span = 0;
         for (int64_t q = 0; q < d; ++q) span += static_cast<double>(hi[q] - lo[q]) * static_cast<double>(hi[q] - lo[q]);
         diam.data_ptr<T>()[b] = static_cast<T>(std::sqrt(span));
@@ -460,10 +475,10 @@ std::vector<at::Tensor> sinkhorn_sq_costs_cpu(const at::Tensor& x_in, const at::
         while (ne > 0 && !xr[ne - 1]) --ne;
         while (me > 0 && !yr[me - 1]) --me;
         auto gram = [&](at::Tensor out, const at::Tensor& U, int64_t ru, const at::Tensor& W, int64_t rw) {
-          out.zero_();
-          if (ru > 0 && rw > 0) {
+          if (ru < out.size(0) || rw < out.size(1)) out.zero_();
+          if (ru > 0 && rw > 0) {  // the GEMM writes its block of out (leading dimension out's row)
             at::Tensor blk = out.narrow(0, 0, ru).narrow(1, 0, rw);
-            blk.copy_(at::mm(U.narrow(0, 0, ru), W.narrow(0, 0, rw).t()));
+            at::mm_out(blk, U.narrow(0, 0, ru), W.narrow(0, 0, rw).t());
           }
         };
         at::Tensor Cb = C.select(0, b);

@@ -211,8 +211,7 @@ def sinkhorn_points(x: Tensor, y: Tensor, aw: Tensor, bw: Tensor, x_mask: Tensor
     without debias, C_xx / C_yy empty); outputs after ``value`` are saved for the backward and carry
     no gradient.
     """
-    B, n, _ = x.shape
-    m = y.shape[1]
+    B = x.shape[0]
     p = ref.COST_P[cost]
     if backend == "cpu" and cost in ("half_sqeuclidean", "sqeuclidean"):
         # centring, diameter and the three costs per problem in one C++ task (the same numbers)
@@ -381,7 +380,9 @@ def _weights(w: Optional[Tensor], name: str, mask: Optional[Tensor], shape: tupl
     """User weights ``(B, n)`` / ``(n,)`` normalised over the real points (``mask``; None: all are
     real), in ``like``'s dtype; their value checks are added to ``checks``."""
     if w is None:
-        real = like.new_ones(shape) if mask is None else mask.to(like.dtype)
+        if mask is None:  # the same numbers as ones / their sum, without the sum
+            return like.new_ones(shape) / shape[1]
+        real = mask.to(like.dtype)
         return real / real.sum(1, keepdim=True).clamp_min(1)
     V.floating(w, name, op)
     if w.dim() == 1:
@@ -409,6 +410,8 @@ def _masses(a, b, xm, ym, shape, like, checks, op) -> tuple[Tensor, Tensor]:
     B, n, m = shape
     aw = _weights(a, "a", xm, (B, n), like, checks, op)
     bw = _weights(b, "b", ym, (B, m), like, checks, op)
+    if a is None and b is None and xm is None and ym is None:  # uniform over n, m >= 1 points: all live
+        return aw, bw
     live = ((aw.sum(1) > 0) & (bw.sum(1) > 0)).unsqueeze(1)
     return aw * live, bw * live
 
