@@ -112,6 +112,73 @@ def _per_problem(loss_one, x, y, ns, ms):
     return torch.stack([loss_one(x[k, :ns[k]], y[k, :ms[k]]) for k in range(x.shape[0])])
 
 
+FLOOR_LABEL = "floor (GEMMs+exp)"  # at the updates our solver ran (floor_impl)
+EXP_CHUNK = 1 << 18  # floats per exp call of the floor: 1 MB, L2-resident; few parallel regions
+
+
+def floor_impl(sizes: list[tuple[int, int, int]], d: int, *, debias: bool, backward: bool, plans: bool = False,
+               device: torch.device = torch.device("cpu"), dtype=torch.float32):
+    """The unavoidable work of a Sinkhorn call on real sizes, as a zero-argument callable: the floor
+    of its bench case. ``sizes``: ``(n_k, m_k, updates_k)`` per problem, the updates our solver ran.
+
+    * costs: the GEMM ``x y^T`` (n m d), with ``debias`` also ``x x^T`` and ``y y^T``; for a
+      precomputed cost (``d = 0``) none;
+    * the solver: one exp per cost entry per half-update of a log-domain update (softmin over the
+      rows, then the columns): ``2 n m`` per update, with ``debias`` ``+ n^2 + m^2`` (the symmetric
+      self problems update one potential each);
+    * ``plans``: one exp per entry of the returned plan (n m);
+    * ``backward``: the four plans of the gradient (``2 n m + n^2 + m^2`` exps; ``2 n m`` without
+      debias) and their GEMMs with the points: ``W y``, ``W^T x`` and, with debias, ``W_xx x``,
+      ``W_yy y``.
+
+    Each problem's GEMMs run on its own real block (as ours do); the exps run as one elementwise
+    ``torch.exp`` over a cache-resident buffer, in chunks of ``EXP_CHUNK``, for the total count: the
+    logsumexp's max, sum and log are not counted, so the floor is below any real solver."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    gemms, n_exp = [], 0
+    for n, m, updates in sizes:
+        self_sq = n * n + m * m if debias else 0
+        n_exp += updates * (2 * n * m + self_sq) + (n * m if plans else 0)
+        if backward:
+            n_exp += 2 * n * m + self_sq
+        if d == 0:
+            continue
+        x, y = rnd(n, d), rnd(m, d)
+        pairs = [(x, y.T)] + ([(x, x.T), (y, y.T)] if debias else [])
+        if backward:
+            w, wt = rnd(n, m), rnd(m, n)
+            pairs += [(w, y), (wt, x)] + ([(rnd(n, n), x), (rnd(m, m), y)] if debias else [])
+        gemms += [(u, v, torch.empty(u.shape[0], v.shape[1], device=device, dtype=dtype)) for u, v in pairs]
+    buf = rnd(min(EXP_CHUNK, max(n_exp, 1)))
+    out = torch.empty_like(buf)
+    full, rest = divmod(n_exp, buf.numel())
+
+    def run():
+        for u, v, o in gemms:
+            torch.mm(u, v, out=o)
+        for _ in range(full):
+            torch.exp(buf, out=out)
+        if rest:
+            torch.exp(buf[:rest], out=out[:rest])
+        return out
+
+    return run
+
+
+def _our_updates(x, y, xm, ym, **kw) -> list[tuple[int, int, int]]:
+    """``(n_k, m_k, updates_k)`` of our C++ solver on this case's problems (masks: real sizes)."""
+    B, n, m = x.shape[0], x.shape[-2], y.shape[-2]
+    ns = [n] * B if xm is None else xm.sum(1).tolist()
+    ms = [m] * B if ym is None else ym.sum(1).tolist()
+    its = xlt_fast.sinkhorn(x.cpu(), y.cpu(), x_mask=None if xm is None else xm.cpu(),
+                            y_mask=None if ym is None else ym.cpu(), backend="cpu", warn=False, **kw).n_iters
+    return list(zip(ns, ms, its.reshape(-1).tolist()))
+
+
 def cases(device: torch.device, quick: bool) -> list[Case]:
     grid = [(8, 10, 64)] if quick else [(B, lo, hi) for B in (8, 32, 256) for lo, hi in ((10, 64), (64, 128))]
     modes = ["fwd+bwd"] if quick else ["fwd", "fwd+bwd"]
@@ -151,7 +218,9 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                     lambda u, v: xlt_fast.sinkhorn_divergence(u, v, x_mask=xm, y_mask=ym, backend=name), x, y, bwd))
             out.append(Case("sinkhorn_divergence", f"B={B},n,m~U[{lo},{hi}],d=768", mode, impls,
                             baseline="geomloss tensorized" if geomloss is not None else "reference",
-                            tolerance=FP32_GRAD_TOL if bwd else 1e-4))
+                            tolerance=FP32_GRAD_TOL if bwd else 1e-4, floor_label=FLOOR_LABEL,
+                            floor=floor_impl(_our_updates(x, y, xm, ym), 768, debias=True, backward=bwd,
+                                             device=device)))
     out += _wordot_cases(device, quick, geomloss)
     if solve_batch is not None:
         out += _fixed_eps_cases(device, quick, solve_batch)
@@ -183,7 +252,8 @@ def _fixed_eps_cases(device: torch.device, quick: bool, solve_batch) -> list[Cas
     for B, n in [(8, 32)] if quick else [(8, 32), (32, 64), (8, 128)]:
         x, y, _, _, _, _ = _batch(B, n, n, 768, device, seed=7)
         M = 0.5 * torch.cdist(x, y) ** 2
-        for label, n_iters, tol in ((f"tol={FIXED_TOL:g}", FIXED_MAX_ITERS, FIXED_TOL), (f"it={FIXED_ITERS}", FIXED_ITERS, None)):
+        rows = ((f"tol={FIXED_TOL:g}", FIXED_MAX_ITERS, FIXED_TOL), (f"it={FIXED_ITERS}", FIXED_ITERS, None))
+        for label, n_iters, tol in rows:
             ours = dict(eps=eps, n_iters=n_iters, tol=tol, update="alternate", stop="pot" if tol else "marginals")
             averaged = dict(eps=eps, n_iters=n_iters, tol=tol)
 
@@ -208,7 +278,9 @@ def _fixed_eps_cases(device: torch.device, quick: bool, solve_batch) -> list[Cas
                     its[key] = f"{int(k.min())}-{int(k.max())}"
             note = " ".join(f"{k} {v}" for k, v in its.items())
             out.append(Case("sinkhorn fixed eps", f"B={B},n=m={n},d=768,eps={eps:g}", f"{label} (it: {note})", impls,
-                            baseline="POT solve_batch"))
+                            baseline="POT solve_batch", floor_label=FLOOR_LABEL,
+                            floor=floor_impl(_our_updates(x, y, None, None, **ours), 768, debias=False,
+                                             backward=False, device=device)))
     return out
 
 
@@ -258,7 +330,9 @@ def _wordot_cases(device: torch.device, quick: bool, geomloss) -> list[Case]:
                         x, y, bwd))
                 out.append(Case("sinkhorn_divergence", shape, mode, impls,
                                 baseline="geomloss tensorized" if geomloss is not None else "reference",
-                                tolerance=FP32_GRAD_TOL if bwd else 1e-4))
+                                tolerance=FP32_GRAD_TOL if bwd else 1e-4, floor_label=FLOOR_LABEL,
+                                floor=floor_impl(_our_updates(x, y, xm_, ym_), d, debias=True, backward=bwd,
+                                                 device=device)))
     return out
 
 
@@ -297,6 +371,27 @@ def _wca_states(L: int, B: int, lo: int, hi: int, d: int, seed: int):
 def _wca_plans(xs, ys, xm, ym, n_iters: int, tol, backend: str):
     """The trainer's coupling: cosine costs of the states, then every layer's plan in one call."""
     return layer_plans(cosine_costs(xs, ys), xm, ym, eps=WCA_EPS, n_iters=n_iters, tol=tol, backend=backend)[0]
+
+
+def _wca_floor(xs, ys, xm, ym, n_iters: int, tol, device):
+    """WCA's floor: the cosine costs' GEMM (one padded ``x y^T`` bmm over layers and pairs: the costs
+    every implementation here is given), then the exps of our updates and of the returned plans
+    (:func:`floor_impl` on the precomputed costs, real sizes)."""
+    L = xs.shape[0]
+    C = cosine_costs(xs, ys).reshape(L * xs.shape[1], xs.shape[2], ys.shape[2])
+    res = xlt_fast.sinkhorn(x_mask=xm.repeat(L, 1).cpu(), y_mask=ym.repeat(L, 1).cpu(), cost=C.cpu(), eps=WCA_EPS,
+                            n_iters=n_iters, tol=tol, warn=False, backend="cpu")
+    ns, ms = xm.sum(1).repeat(L).tolist(), ym.sum(1).repeat(L).tolist()
+    solver = floor_impl(list(zip(ns, ms, res.n_iters.tolist())), 0, debias=False, backward=False, plans=True,
+                        device=device)
+    x, y = xs.reshape(-1, xs.shape[2], xs.shape[3]), ys.reshape(-1, ys.shape[2], ys.shape[3])
+    yt = y.transpose(1, 2)
+
+    def run():
+        torch.bmm(x, yt)
+        return solver()
+
+    return run
 
 
 def _wca_truth(xs, ys, xm, ym):
@@ -366,5 +461,6 @@ def _wca_cases(device: torch.device, quick: bool, geomloss, solve_batch) -> list
                 impls[f"xlt_fast[{name}]"] = (lambda name=name, xs=xs, ys=ys, xm=xm, ym=ym, n_iters=n_iters, tol=tol:
                                               _wca_plans(xs, ys, xm, ym, n_iters, tol, name))
             out.append(Case("wca coupling", f"wca {L}x{B},U[{lo},{hi}],d={d}", mode, impls,
-                            baseline="POT solve_batch" if solve_batch is not None else "reference", tolerance=1e-5))
+                            baseline="POT solve_batch" if solve_batch is not None else "reference", tolerance=1e-5,
+                            floor_label=FLOOR_LABEL, floor=_wca_floor(xs, ys, xm, ym, n_iters, tol, device)))
     return out

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import xlt_fast
 from xlt_fast.benchmarks import floors, harness
 from xlt_fast.benchmarks.harness import Case
 
@@ -153,3 +154,40 @@ def test_plot_draws_only_our_backends(tmp_path, monkeypatch):
     assert len(drawn) == 1 and drawn[0][1] == pytest.approx(ours.ratio)
     assert harness.plot([r for r in rows if r.kind != "ours"], str(tmp_path / "q.png"), {"device": "cpu",
                                                                                        "torch": "x"}) is None
+
+
+def test_sinkhorn_floor_counts_our_updates(monkeypatch):
+    """The Sinkhorn floor runs the GEMMs of each problem's real block and the exps of the updates our
+    solver ran: 2 n m per update (+ n^2 + m^2 with debias), the backward's four plans, the plans."""
+    from xlt_fast.benchmarks import bench_sinkhorn as bs
+
+    calls = {"mm": [], "exp": 0}
+    real_mm, real_exp = torch.mm, torch.exp
+    monkeypatch.setattr(bs, "EXP_CHUNK", 1000)
+
+    def run(sizes, **kw):
+        calls["mm"].clear()
+        calls["exp"] = 0
+        monkeypatch.setattr(torch, "mm", lambda u, v, out: calls["mm"].append((tuple(u.shape), tuple(v.shape)))
+                            or real_mm(u, v, out=out))
+        monkeypatch.setattr(torch, "exp", lambda t, out: calls.__setitem__("exp", calls["exp"] + t.numel())
+                            or real_exp(t, out=out))
+        bs.floor_impl(sizes, 4, **kw)()
+        monkeypatch.setattr(torch, "mm", real_mm)
+        monkeypatch.setattr(torch, "exp", real_exp)
+        return list(calls["mm"]), calls["exp"]
+
+    mm, n_exp = run([(3, 5, 7)], debias=False, backward=False)
+    assert mm == [((3, 4), (4, 5))] and n_exp == 7 * 2 * 15
+    mm, n_exp = run([(3, 5, 7), (2, 2, 1)], debias=True, backward=True)
+    assert len(mm) == 2 * 7 and ((3, 5), (5, 4)) in mm and ((5, 3), (3, 4)) in mm
+    assert n_exp == (7 + 1) * (2 * 15 + 9 + 25) + (1 + 1) * (2 * 4 + 4 + 4)
+    assert run([(3, 5, 2)], debias=False, backward=False, plans=True)[1] == 2 * 30 + 15
+
+    x = torch.randn(2, 6, 4)
+    y = torch.randn(2, 5, 4)
+    xm = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    ym = torch.ones(2, 5, dtype=torch.bool)
+    sizes = bs._our_updates(x, y, xm, ym, eps=0.5, n_iters=50, tol=1e-4)
+    its = xlt_fast.sinkhorn(x, y, x_mask=xm, y_mask=ym, eps=0.5, n_iters=50, tol=1e-4, backend="cpu").n_iters
+    assert sizes == [(6, 5, int(its[0])), (3, 5, int(its[1]))]
