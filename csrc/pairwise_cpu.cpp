@@ -10,10 +10,22 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace xlt_fast {
 namespace {
+
+// The entry points' checks: x (B, n, d) and y (B, m, d), float32/float64 CPU tensors sharing B and d;
+// returns both contiguous, y in x's dtype.
+std::pair<at::Tensor, at::Tensor> checked_pair(const at::Tensor& x, const at::Tensor& y) {
+  check_cpu_float(x, "x");
+  check_cpu_float(y, "y");
+  check_dim(x, 3, "x");
+  check_dim(y, 3, "y");
+  TORCH_CHECK(x.size(0) == y.size(0) && x.size(2) == y.size(2), "x (B, n, d) and y (B, m, d) must share B and d");
+  return {x.contiguous(), y.to(x.scalar_type()).contiguous()};
+}
 
 template <typename scalar_t>
 void expand_and_refine(const scalar_t* x, const scalar_t* y, const scalar_t* nx, const scalar_t* ny,
@@ -52,14 +64,8 @@ void expand_and_refine(const scalar_t* x, const scalar_t* y, const scalar_t* nx,
 }
 
 at::Tensor pairwise_sqdist_cpu(const at::Tensor& x_in, const at::Tensor& y_in, bool dot, double refine_tol) {
-  check_cpu_float(x_in, "x");
-  check_cpu_float(y_in, "y");
-  check_dim(x_in, 3, "x");
-  check_dim(y_in, 3, "y");
-  TORCH_CHECK(x_in.size(0) == y_in.size(0) && x_in.size(2) == y_in.size(2),
-              "x (B, n, d) and y (B, m, d) must share B and d");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor y = y_in.to(x.scalar_type()).contiguous();
+  at::Tensor x, y;
+  std::tie(x, y) = checked_pair(x_in, y_in);  // not a structured binding: the lambdas below capture them
   at::Tensor out = at::bmm(x, y.transpose(1, 2)).contiguous();
   if (dot) return out;
   const at::Tensor nx = x.square().sum(-1).contiguous();
@@ -159,14 +165,8 @@ bool center_with_norms(const scalar_t* x, const scalar_t* y, scalar_t* xc, scala
 // then runs its exact check, which names the argument).
 std::tuple<at::Tensor, at::Tensor> pairwise_sqdist_centered_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
                                                                 double refine_tol, int64_t direct_max_d) {
-  check_cpu_float(x_in, "x");
-  check_cpu_float(y_in, "y");
-  check_dim(x_in, 3, "x");
-  check_dim(y_in, 3, "y");
-  TORCH_CHECK(x_in.size(0) == y_in.size(0) && x_in.size(2) == y_in.size(2),
-              "x (B, n, d) and y (B, m, d) must share B and d");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor y = y_in.to(x.scalar_type()).contiguous();
+  at::Tensor x, y;
+  std::tie(x, y) = checked_pair(x_in, y_in);  // not a structured binding: the lambdas below capture them
   const int64_t B = x.size(0), n = x.size(1), m = y.size(1), d = x.size(2);
   at::Tensor out = at::empty({B, n, m}, x.options());
   bool finite = true;
