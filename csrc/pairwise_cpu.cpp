@@ -4,8 +4,10 @@
 // D_ij is small next to the norms (cancellation), so entries with D_ij <= refine_tol * (|x_i|^2 +
 // |y_j|^2) are recomputed as sum_k (x_ik - y_jk)^2: exact zero for identical rows, full relative
 // accuracy for close pairs. Callers center x and y first, which keeps the norms small.
+#include "fast_exp.h"  // first: its no-trapping-math pragma lets the selects below vectorise
 #include "common.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -27,38 +29,52 @@ std::pair<at::Tensor, at::Tensor> checked_pair(const at::Tensor& x, const at::Te
   return {x.contiguous(), y.to(x.scalar_type()).contiguous()};
 }
 
+// One row of the expansion, in place: row_j <- max(0, nx + ny_j - 2 row_j) with row_j = <x_i, y_j>
+// from the GEMM. Returns whether some entry has v <= tol * (nx + ny_j) with a nonzero scale (a pair
+// of zero rows is exact 0 already), i.e. needs the exact recompute. Plain restrict pointers, not
+// lambda captures, so that the loop vectorises under -fno-strict-aliasing.
+template <typename T>
+XLT_CLONES bool expand_row(T* __restrict row, const T* __restrict ny, T nx, T tol, int64_t m) {
+  int refine = 0;
+#pragma omp simd reduction(| : refine)
+  for (int64_t j = 0; j < m; ++j) {
+    const T scale = nx + ny[j];
+    const T v = scale - 2 * row[j];
+    refine |= (scale > 0) & (v <= tol * scale);
+    row[j] = v > 0 ? v : T(0);
+  }
+  return refine;
+}
+
+// The entries of one row that expand_row flagged, recomputed as sum_k (x_ik - y_jk)^2.
+template <typename T>
+void refine_row(T* row, const T* xi, const T* y, const T* ny, T nx, T tol, int64_t m, int64_t d) {
+  for (int64_t j = 0; j < m; ++j) {
+    const T scale = nx + ny[j];
+    if (scale > 0 && row[j] <= tol * scale) {
+      const T* yj = y + j * d;
+      T acc = 0;
+      for (int64_t k = 0; k < d; ++k) {
+        const T diff = xi[k] - yj[k];
+        acc += diff * diff;
+      }
+      row[j] = acc;
+    }
+  }
+}
+
+// out holds the GEMM's <x_i, y_j>; turns it into squared distances (one pass over out, plus the
+// exact recompute of the rare flagged entries).
 template <typename scalar_t>
 void expand_and_refine(const scalar_t* x, const scalar_t* y, const scalar_t* nx, const scalar_t* ny,
                        scalar_t* out, int64_t B, int64_t n, int64_t m, int64_t d, double tol) {
-  at::parallel_for(0, B * n, 16, [&](int64_t begin, int64_t end) {
+  const scalar_t tol_s = static_cast<scalar_t>(tol);
+  at::parallel_for(0, B * n, std::max<int64_t>(1, 16384 / m), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / n;
-      const scalar_t* xi = x + r * d;
-      const scalar_t* nyb = ny + b * m;
-      const scalar_t* yb = y + b * m * d;
       scalar_t* row = out + r * m;
-      // first pass (vectorised): the expansion, clamped at 0, and whether any entry needs refining
-      int refine = 0;
-      const scalar_t tol_s = static_cast<scalar_t>(tol);
-      for (int64_t j = 0; j < m; ++j) {
-        const scalar_t scale = nx[r] + nyb[j];
-        const scalar_t v = scale - 2 * row[j];
-        refine |= (scale > 0) & (v <= tol_s * scale);  // zero rows: exact 0 already
-        row[j] = v > 0 ? v : scalar_t(0);
-      }
-      if (!refine) continue;
-      for (int64_t j = 0; j < m; ++j) {  // rare: close pairs, recomputed exactly
-        const scalar_t scale = nx[r] + nyb[j];
-        if (scale > 0 && row[j] <= tol_s * scale) {
-          const scalar_t* yj = yb + j * d;
-          scalar_t acc = 0;
-          for (int64_t k = 0; k < d; ++k) {
-            const scalar_t diff = xi[k] - yj[k];
-            acc += diff * diff;
-          }
-          row[j] = acc;
-        }
-      }
+      if (expand_row(row, ny + b * m, nx[r], tol_s, m))
+        refine_row(row, x + r * d, y + b * m * d, ny + b * m, nx[r], tol_s, m, d);
     }
   });
 }
@@ -116,7 +132,36 @@ bool direct_sqdist(const scalar_t* x, const scalar_t* yt, scalar_t* out, int64_t
   return finite;
 }
 
-// x and y minus the mean of all their rows (per batch), with the centred rows' squared norms, in
+// acc_k += sum_i src_ik over the rows of one point set (fp64 sums, vectorised across k).
+template <typename T>
+XLT_CLONES void add_columns(const T* __restrict src, double* __restrict acc, int64_t rows, int64_t d) {
+  for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) acc[k] += src[i * d + k];
+  }
+}
+
+// dst_i = src_i - c row by row, with norms_i = |dst_i|^2 summed in fp64 (the expansion cancels
+// against it); returns the sum of the norms.
+template <typename T>
+XLT_CLONES double shift_rows(const T* __restrict src, const T* __restrict c, T* __restrict dst, T* __restrict norms,
+                             int64_t rows, int64_t d) {
+  double total = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    double s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < d; ++k) {
+      const T v = src[i * d + k] - c[k];
+      dst[i * d + k] = v;
+      s += static_cast<double>(v) * static_cast<double>(v);
+    }
+    norms[i] = static_cast<T>(s);
+    total += s;
+  }
+  return total;
+}
+
+// x and y minus the mean c of all their rows (per batch), with the centred rows' squared norms, in
 // two passes over the inputs. Returns false if a sum or a norm is not finite (any NaN/inf input
 // makes its batch's column sum non-finite; a finite overflow also says false).
 template <typename scalar_t>
@@ -128,31 +173,15 @@ bool center_with_norms(const scalar_t* x, const scalar_t* y, scalar_t* xc, scala
     std::vector<scalar_t> c(d);
     for (int64_t b = begin; b < end; ++b) {
       std::fill(acc.begin(), acc.end(), 0.0);
-      const scalar_t* xb = x + b * n * d;
-      const scalar_t* yb = y + b * m * d;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t k = 0; k < d; ++k) acc[k] += xb[i * d + k];
-      for (int64_t j = 0; j < m; ++j)
-        for (int64_t k = 0; k < d; ++k) acc[k] += yb[j * d + k];
+      add_columns(x + b * n * d, acc.data(), n, d);
+      add_columns(y + b * m * d, acc.data(), m, d);
       double check = 0;
       for (int64_t k = 0; k < d; ++k) {
         c[k] = static_cast<scalar_t>(acc[k] / static_cast<double>(n + m));
         check += acc[k];
       }
-      auto shift = [&](const scalar_t* src, scalar_t* dst, scalar_t* norms, int64_t rows) {
-        for (int64_t i = 0; i < rows; ++i) {
-          double s = 0;  // a norm summed in fp64: the expansion cancels against it
-          for (int64_t k = 0; k < d; ++k) {
-            const scalar_t v = src[i * d + k] - c[k];
-            dst[i * d + k] = v;
-            s += static_cast<double>(v) * static_cast<double>(v);
-          }
-          norms[i] = static_cast<scalar_t>(s);
-          check += s;
-        }
-      };
-      shift(xb, xc + b * n * d, nx + b * n, n);
-      shift(yb, yc + b * m * d, ny + b * m, m);
+      check += shift_rows(x + b * n * d, c.data(), xc + b * n * d, nx + b * n, n, d);
+      check += shift_rows(y + b * m * d, c.data(), yc + b * m * d, ny + b * m, m, d);
       if (!std::isfinite(check)) finite = false;
     }
   });
