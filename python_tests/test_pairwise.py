@@ -226,8 +226,9 @@ def test_cpu_fused_finite_overflow_is_not_an_error(d):
 @pytest.mark.parametrize("shape", [(1, 5, 130, 3), (2, 37, 300, ops_pairwise.DIRECT_MAX_D)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_direct_blocks_and_tiles(shape, dtype):
-    """m past several blocks of y (64 fp32 / 32 fp64 points), L1 tiles (128 fp32 points at d = 32)
-    and a partial last block: every entry against the fp64 reference, exact zeros anywhere in the row."""
+    """m past several blocks of y (64 fp32 / 32 fp64 points), L1 tiles (16 KiB of packed y: 256 fp32
+    points at d = 16) and a partial last block: every entry against the fp64 reference, exact zeros
+    anywhere in the row."""
     B, n, m, d = shape
     x, y = _points(*shape, "cpu", offset=20.0, seed=m)
     x, y = x.to(dtype), y.to(dtype)

@@ -21,9 +21,9 @@ METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 REFINE_TOL = 2.0 ** -4
 # The CPU kernel sums (x_ik - y_jk)^2 directly (exact, no GEMM, D written once) up to this feature
 # size: 2 d flops per entry like the GEMM, without its packing and the expansion's second pass over D.
-# Measured on AVX-512 (2 cores): direct faster or level with the GEMM path up to d = 32 at
-# (8, 128, 128, d) and (1, 1024, 1024, d), the GEMM path ahead from d = 48.
-DIRECT_MAX_D = 32
+# Measured on AVX-512 (1 and 2 cores): direct ahead of the GEMM path at d = 8, level at d = 12-16,
+# behind from d = 20 at (8, 128, 128, d) and (1, 1024, 1024, d).
+DIRECT_MAX_D = 16
 
 
 @torch.library.custom_op("xlt_fast::sqdist", mutates_args=())
