@@ -196,7 +196,7 @@ template <typename scalar_t>
 bool center_with_norms(const scalar_t* x, const scalar_t* y, scalar_t* xc, scalar_t* yc, scalar_t* nx,
                        scalar_t* ny, int64_t B, int64_t n, int64_t m, int64_t d) {
   std::atomic<bool> finite{true};
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / ((n + m) * d)), [&](int64_t begin, int64_t end) {
     std::vector<double> acc(d);
     std::vector<scalar_t> c(d);
     for (int64_t b = begin; b < end; ++b) {
