@@ -101,7 +101,7 @@ at::Tensor pairwise_sqdist_cpu(const at::Tensor& x_in, const at::Tensor& y_in, b
 // block c holds yp[(c d + k) kBlock + jj] = y_{c kBlock + jj, k} (zero past m), so that one block's
 // partial sums stay in registers across k and its reads are contiguous.
 template <typename T>
-constexpr int64_t kBlock = 256 / sizeof(T);  // 64 floats or 32 doubles: 4 AVX-512 / 8 AVX2 registers (fp32)
+constexpr int64_t kBlock = 256 / sizeof(T);  // 256 bytes of sums: 4 AVX-512 or 8 AVX2 registers
 
 template <typename T>
 void pack_blocks(const T* __restrict y, T* __restrict yp, int64_t m, int64_t d) {
