@@ -10,6 +10,8 @@ from xlt_fast.benchmarks.common import kernel_backends
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     grid = [(8, 128, 128, 768)] if quick else [(8, 128, 128, 768), (32, 64, 64, 768), (1, 4096, 4096, 768)]
+    if not quick:  # low-dimensional points (the direct-sum kernel, d <= DIRECT_MAX_D, and the GEMM path just above)
+        grid += [(8, 128, 128, d) for d in (3, 8, 16, 32, 64)] + [(1, 1024, 1024, d) for d in (3, 8, 32)]
     out = []
     g = torch.Generator(device="cpu").manual_seed(0)
     for B, n, m, d in grid:

@@ -219,3 +219,76 @@ def test_cpu_fused_finite_overflow_is_not_an_error(d):
     assert out.shape == (1, 3, 4)
     if d <= ops_pairwise.DIRECT_MAX_D:
         assert torch.isinf(out[0, 0]).all() and torch.isfinite(out[0, 1:]).all()
+
+
+# -- the direct sum's blocks and L1 tiles, its accuracy, the eager kernel call, masks at small d ------
+
+@pytest.mark.parametrize("shape", [(1, 5, 130, 3), (2, 37, 300, ops_pairwise.DIRECT_MAX_D)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_direct_blocks_and_tiles(shape, dtype):
+    """m past several blocks of y (64 fp32 / 32 fp64 points), L1 tiles (16 KiB of packed y: 256 fp32
+    points at d = 16) and a partial last block: every entry against the fp64 reference, exact zeros
+    anywhere in the row."""
+    B, n, m, d = shape
+    x, y = _points(*shape, "cpu", offset=20.0, seed=m)
+    x, y = x.to(dtype), y.to(dtype)
+    y[:, m - 1], y[:, m // 2] = x[:, 0], x[:, n - 1]
+    ref = xlt_fast.pairwise_distance(x.double(), y.double(), "sqeuclidean", backend="reference")
+    out = xlt_fast.pairwise_distance(x, y, "sqeuclidean", backend="cpu")
+    _close(out, ref, rtol=1e-5 if dtype == torch.float32 else 1e-12)
+    assert torch.all(out[:, 0, m - 1] == 0) and torch.all(out[:, n - 1, m // 2] == 0)
+
+
+@pytest.mark.parametrize("d", (3, ops_pairwise.DIRECT_MAX_D))
+def test_cpu_direct_near_duplicates_beat_cdist(d):
+    """Points with a common offset of norm ~40 sqrt(d) and pairs 1e-3 apart: the direct sum keeps
+    full relative accuracy where cdist's expansion loses it."""
+    x, y = _points(2, 30, 40, d, "cpu", offset=40.0, seed=5)
+    y[:, :30] = x + 1e-3 * torch.randn(2, 30, d, generator=torch.Generator().manual_seed(6))
+    ref = xlt_fast.pairwise_distance(x.double(), y.double(), "sqeuclidean", backend="reference")
+    out = xlt_fast.pairwise_distance(x, y, "sqeuclidean", backend="cpu")
+    ours_err = ((out.double() - ref).abs() / ref).max()
+    cdist_err = ((torch.cdist(x, y).double() ** 2 - ref).abs() / ref).max()
+    assert ours_err < 1e-5 and ours_err < cdist_err
+
+
+@pytest.mark.parametrize("d", (3, ops_pairwise.DIRECT_MAX_D + 1))
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine"])
+def test_cpu_eager_kernel_call_equals_custom_op(d, metric):
+    """Without autograd the CPU path calls the kernel itself, not the custom op: same values, and
+    inputs that need gradients (or no_grad around them) take the right one."""
+    x, y = _points(2, 6, 7, d, "cpu", offset=3.0, seed=8)
+    plain = xlt_fast.pairwise_distance(x, y, metric, backend="cpu")
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    tracked = xlt_fast.pairwise_distance(xg, yg, metric, backend="cpu")
+    assert tracked.grad_fn is not None and plain.grad_fn is None
+    torch.testing.assert_close(tracked.detach(), plain, rtol=0, atol=0)
+    with torch.no_grad():
+        untracked = xlt_fast.pairwise_distance(xg, yg, metric, backend="cpu")
+    assert untracked.grad_fn is None
+    torch.testing.assert_close(untracked, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("d", (3, ops_pairwise.DIRECT_MAX_D, ops_pairwise.DIRECT_MAX_D + 1))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_masked_small_d_equals_unmasked(d, dtype):
+    """Masked rows (NaN padding) at small d: the masked path's real entries equal the unmasked
+    path's result on the real points (direct sum, or GEMM just above the switch)."""
+    x, y = _points(2, 9, 70, d, "cpu", offset=10.0, seed=d)
+    x, y = x.to(dtype), y.to(dtype)
+    nx, ny = [9, 4], [70, 66]
+    xm = torch.arange(9)[None] < torch.tensor(nx)[:, None]
+    ym = torch.arange(70)[None] < torch.tensor(ny)[:, None]
+    x, y = x.masked_fill(~xm[..., None], float("nan")), y.masked_fill(~ym[..., None], float("nan"))
+    out = xlt_fast.pairwise_distance(x, y, "euclidean", xm, ym, backend="cpu")
+    assert torch.all(out[~(xm[:, :, None] & ym[:, None, :])] == 0)
+    for b in range(2):
+        single = xlt_fast.pairwise_distance(x[b, :nx[b]], y[b, :ny[b]], "euclidean", backend="cpu")
+        _close(out[b, :nx[b], :ny[b]], single, rtol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean"])
+def test_cpu_direct_gradcheck_at_switch(metric):
+    x, y = _points(1, 3, 4, ops_pairwise.DIRECT_MAX_D, "cpu", offset=3.0, seed=9)
+    x, y = x.double().requires_grad_(), y.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: xlt_fast.pairwise_distance(a, b, metric, backend="cpu"), (x, y))
