@@ -8,7 +8,8 @@ and a linear output ``[s_raw | t]`` (raw log-scale, shift); d_id and d_m are the
 conditioning and transformed features. The masks are index splits, not multiplicative masks: the
 conditioner reads only the d_id conditioning features (a slice for ``"half"``, a stride-2 view for
 ``"alternating"``), so its first GEMM is half as wide as with a dense masked input. The elementwise
-rest (scale map, affine map, merge, log-det) is one fused kernel, :func:`xlt_fast.coupling`.
+rest (scale map, affine map, merge, log-det) is one fused kernel, :func:`xlt_fast.coupling`; on
+the kernel backends a whole flow, conditioners included, is one op each way (:class:`_FusedFlow`).
 """
 from __future__ import annotations
 
@@ -34,46 +35,60 @@ def split_indices(dim: int, mask: str, flip: bool) -> tuple[slice, slice]:
     return (b, a) if flip else (a, b)
 
 
-class _FusedCoupling(torch.autograd.Function):
-    """One coupling, conditioner included, with a hand-written backward (kernel backends).
+class _FusedFlow(torch.autograd.Function):
+    """A chain of couplings, conditioners included, as one autograd node over the compiled ops
+    ``xlt_fast_C::realnvp_forward`` / ``realnvp_backward`` (csrc/realnvp.cpp; kernel backends).
 
-    Forward: ``h1 = relu(x_1 W1^T + b1)``, ``h2 = relu(h1 W2^T + b2)``, ``[s_raw | t] = h2 W3^T + b3``
-    (three GEMMs with bias and ReLU in their epilogue), then the fused epilogue kernel. Backward: the
-    epilogue's backward kernel (which returns the packed gradient of ``[s_raw | t]``), then per layer
-    ``dW = G^T h``, ``db = sum G``, ``G_prev = (G W) * 1[h > 0]``; dL/dx_1 is accumulated by a GEMM
-    straight into the conditioning columns of dL/dx. The same GEMMs as autograd, without its per-op
-    graph nodes, zero-filled slice gradients and extra additions; gradients nobody needs are skipped.
+    Forward, per coupling in the order applied: ``h1 = relu(x_1 W1^T + b1)``,
+    ``h2 = relu(h1 W2^T + b2)``, ``[s_raw | t] = h2 W3^T + b3`` (three GEMMs with bias and ReLU in
+    their epilogue), the fused epilogue kernel, and ``logdet += ld`` in place. Backward, couplings in
+    reverse: the epilogue's backward kernel (the packed gradient G3 of ``[s_raw | t]``), then per layer
+    ``G_prev = (G W) * 1[h > 0]`` (the ReLU mask applied in place), ``dW = G^T h``, ``db = sum G``;
+    dL/dx_1 is accumulated by a GEMM straight into the conditioning columns of dL/dx. The same GEMMs
+    and reductions as autograd through the layers, without its graph nodes, zero-filled slice
+    gradients, extra additions and per-op Python dispatch; gradients nobody needs are skipped.
+
+    ``cfg = (cond, scale, clamp, inverse)`` as the ops take them; ``tensors`` = the 6 parameters of
+    each coupling (W1, b1, W2, b2, W3, b3), then one mask per coupling.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
-                mask: Tensor, cond: slice, d_m: int, scale: int, clamp: float, inverse: bool):
-        # bias + ReLU in the GEMM's epilogue where the BLAS has one (cuBLASLt), else addmm + relu_
-        h1 = torch._addmm_activation(b1, x[:, cond], w1.t())
-        h2 = torch._addmm_activation(b2, h1, w2.t())
-        st = torch.addmm(b3, h2, w3.t())
-        y, logdet = torch.ops.xlt_fast_C.coupling_forward(x, st[:, :d_m], st[:, d_m:], mask, scale, clamp, inverse)
-        ctx.save_for_backward(x, h1, h2, st, w1, w2, w3, mask)
-        ctx.cfg = (cond, d_m, scale, clamp, inverse)
+    def forward(ctx, x: Tensor, cfg: tuple, *tensors: Tensor):
+        k = len(cfg[1])
+        y, logdet, saved = torch.ops.xlt_fast_C.realnvp_forward(x, tensors[:6 * k], tensors[6 * k:], *cfg, True)
+        ctx.save_for_backward(x, *tensors, *saved)
+        ctx.cfg = cfg
         return y, logdet
 
     @staticmethod
     def backward(ctx, gy: Optional[Tensor], gl: Optional[Tensor]):
-        x, h1, h2, st, w1, w2, w3, mask = ctx.saved_tensors
-        cond, d_m, scale, clamp, inverse = ctx.cfg
+        x, *rest = ctx.saved_tensors
+        k = len(ctx.cfg[1])
         gy = torch.zeros_like(x) if gy is None else gy
         gl = x.new_zeros(x.shape[0]) if gl is None else gl
-        gx, g3 = torch.ops.xlt_fast_C.coupling_backward(gy, gl, x, st[:, :d_m], st[:, d_m:], mask, scale, clamp,
-                                                        inverse)
-        g2 = torch.ops.aten.threshold_backward(g3 @ w3, h2, 0)
-        g1 = torch.ops.aten.threshold_backward(g2 @ w2, h1, 0)
-        need = ctx.needs_input_grad
-        if need[0]:
-            gx[:, cond].addmm_(g1, w1)  # accumulated by the GEMM in place
-        params = []
-        for (g, h), (nw, nb) in zip(((g1, x[:, cond]), (g2, h1), (g3, h2)), (need[1:3], need[3:5], need[5:7])):
-            params += [g.t() @ h if nw else None, g.sum(0) if nb else None]
-        return (gx if need[0] else None, *params, None, None, None, None, None, None)
+        need = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:2 + 6 * k]]
+        grads = iter(torch.ops.xlt_fast_C.realnvp_backward(gy, gl, x, rest[7 * k:], rest[:6 * k], rest[6 * k:7 * k],
+                                                           *ctx.cfg, need))
+        gx, *params = (next(grads) if n else None for n in need)
+        return (gx, None, *params, *[None] * k)
+
+
+def _fusable(kind: str, x: Tensor) -> bool:
+    """Whether the fused flow (kernel backends, fp32/fp64) computes this input."""
+    return kind != "reference" and x.dtype in (torch.float32, torch.float64)
+
+
+def _fused(x: Tensor, layers: list["AffineCoupling"], inverse: bool) -> tuple[Tensor, Tensor]:
+    """``(y, logdet)`` of the couplings ``layers`` applied in that order (each its inverse if
+    ``inverse``), by the fused flow; one autograd node when a gradient is needed, else the op alone."""
+    params = [p for c in layers for lin in (c.net[0], c.net[2], c.net[4]) for p in (lin.weight, lin.bias)]
+    masks = [c.mask for c in layers]
+    cfg = (tuple(v for c in layers for v in (c.cond.start, c.cond.stop, c.cond.step or 1)),
+           tuple(coupling_ops.SCALE_ID[c.scale] for c in layers), tuple(float(c.clamp) for c in layers), inverse)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return _FusedFlow.apply(x, cfg, *params, *masks)
+    y, logdet, _ = torch.ops.xlt_fast_C.realnvp_forward(x, params, masks, *cfg, False)
+    return y, logdet
 
 
 class AffineCoupling(nn.Module):
@@ -132,12 +147,10 @@ class AffineCoupling(nn.Module):
         return st[:, :self.d_m], st[:, self.d_m:]
 
     def _transform(self, x: Tensor, inverse: bool, kind: str) -> tuple[Tensor, Tensor]:
-        """Kernel backends (fp32/fp64): the fused layer; otherwise autograd through the conditioner and
-        :func:`xlt_fast.ops.coupling.run` (the reference, or half precision computed in fp32)."""
-        if kind != "reference" and x.dtype in (torch.float32, torch.float64):
-            l1, l2, l3 = self.net[0], self.net[2], self.net[4]
-            return _FusedCoupling.apply(x, l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias, self.mask,
-                                        self.cond, self.d_m, coupling_ops.SCALE_ID[self.scale], self.clamp, inverse)
+        """Kernel backends (fp32/fp64): the fused flow of this one coupling; otherwise autograd through
+        the conditioner and :func:`xlt_fast.ops.coupling.run` (the reference, or half precision in fp32)."""
+        if _fusable(kind, x):
+            return _fused(x, [self], inverse)
         s_raw, t = self.conditioner(x[:, self.cond])
         return coupling_ops.run(x, s_raw, t, self.mask, self.scale, self.clamp, inverse, kind)
 
@@ -186,8 +199,11 @@ class RealNVP(nn.Module):
 
     def _run(self, x: Tensor, inverse: bool, name: str, op: str) -> tuple[Tensor, Tensor]:
         kind = self.couplings[0]._check(x, name, op)
+        layers = list(reversed(self.couplings) if inverse else self.couplings)
+        if _fusable(kind, x):
+            return _fused(x, layers, inverse)
         logdet: Optional[Tensor] = None
-        for layer in (reversed(self.couplings) if inverse else self.couplings):
+        for layer in layers:
             x, ld = layer._transform(x, inverse, kind)
             logdet = ld if logdet is None else logdet + ld
         return x, logdet

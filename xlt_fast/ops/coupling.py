@@ -35,6 +35,21 @@ def _fake_backward(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, s_raw: Tensor
     return x.new_empty(x.shape), x.new_empty(x.shape[0], 2 * s_raw.shape[1])
 
 
+def _fake_realnvp_forward(x: Tensor, params: list[Tensor], masks: list[Tensor], cond: list[int], scale: list[int],
+                          clamp: list[float], inverse: bool, save: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+    saved = []
+    for k in range(len(masks) if save else 0):  # x_k (k >= 1), h1, h2, [s_raw | t]
+        saved += [x.new_empty(x.shape)] if k else []
+        saved += [x.new_empty(x.shape[0], params[6 * k + 2 * i].shape[0]) for i in range(3)]
+    return x.new_empty(x.shape), x.new_empty(x.shape[0]), saved
+
+
+def _fake_realnvp_backward(grad_y: Tensor, grad_logdet: Tensor, x: Tensor, saved: list[Tensor], params: list[Tensor],
+                           masks: list[Tensor], cond: list[int], scale: list[int], clamp: list[float], inverse: bool,
+                           need: list[bool]) -> list[Tensor]:
+    return [a.new_empty(a.shape) for a, n in zip([x, *params], need) if n]
+
+
 def _setup(ctx, inputs, output) -> None:
     x, s_raw, t, mask, scale, clamp, inverse = inputs
     ctx.save_for_backward(x, s_raw, t, mask)
@@ -54,11 +69,14 @@ def _backward(ctx, grad_y: Optional[Tensor], grad_logdet: Optional[Tensor]):
 
 def _register() -> None:
     """Fake kernels and the autograd formula of the compiled ops ``xlt_fast_C::coupling_forward`` /
-    ``coupling_backward`` (schema in csrc/coupling_cpu.cpp, CPU and CUDA kernels). They are called
-    directly, without a Python custom-op layer: the modules call them once per coupling."""
+    ``coupling_backward`` (schema in csrc/coupling_cpu.cpp, CPU and CUDA kernels), and fake kernels of
+    the whole-flow ops ``realnvp_forward`` / ``realnvp_backward`` (csrc/realnvp.cpp; the modules wrap
+    them in one autograd.Function). They are called directly, without a Python custom-op layer."""
     torch.library.register_fake("xlt_fast_C::coupling_forward", _fake_forward)
     torch.library.register_fake("xlt_fast_C::coupling_backward", _fake_backward)
     torch.library.register_autograd("xlt_fast_C::coupling_forward", _backward, setup_context=_setup)
+    torch.library.register_fake("xlt_fast_C::realnvp_forward", _fake_realnvp_forward)
+    torch.library.register_fake("xlt_fast_C::realnvp_backward", _fake_realnvp_backward)
 
 
 if _backend.has_extension():
