@@ -214,7 +214,7 @@ def sinkhorn_points(x: Tensor, y: Tensor, aw: Tensor, bw: Tensor, x_mask: Tensor
     B = x.shape[0]
     p = ref.COST_P[cost]
     if backend == "cpu" and cost in ("half_sqeuclidean", "sqeuclidean"):
-        # centring, diameter and the three costs per problem in one C++ task (the same numbers)
+        # centring, diameter and the three costs per problem in one C++ task (_centred + the costs)
         C, Cxx, Cyy, scale = _backend.extension().sinkhorn_sq_costs(
             x, y, x_mask, y_mask, 0.5 if cost == "half_sqeuclidean" else 1.0, debias, REFINE_TOL)
         costs = None
@@ -479,8 +479,8 @@ def _errors(aw, bw, F, G, eps, stop: str) -> tuple[Tensor, Tensor]:
     ``F[:, :2] = [f, f_prev]``, ``G``, from the weights as the kernels read them (exp of log w in
     float64): the numbers of the kernel's own test, so a problem it stopped is never reported above tol."""
     wa, wb = ref.log_weights(aw).double().exp(), ref.log_weights(bw).double().exp()
-    err = ref.marginal_error(wa, F[:, 1], F[:, 0], wb, G[:, 1], G[:, 0], eps, True)
-    return err.to(aw.dtype), (ref.row_error_l2(wa, F[:, 1], F[:, 0], eps) if stop == "pot" else err)
+    err, stop_err = ref.final_errors(wa, F[:, 1], F[:, 0], wb, G[:, 1], G[:, 0], eps, stop == "pot")
+    return err.to(aw.dtype), stop_err
 
 
 def _kernel_result(value, F, G, iters, C, aw, bw, xm, ym, eps, return_plan, stop) -> dict:

@@ -133,6 +133,15 @@ def row_error_l2(a: Tensor, f_prev: Tensor, f: Tensor, eps: Union[float, Tensor]
     return _side_terms(a, f_prev, f, eps).square().sum(1).sqrt()
 
 
+def final_errors(a: Tensor, f_prev: Tensor, f: Tensor, b: Tensor, g_prev: Tensor, g: Tensor,
+                 eps: Union[float, Tensor], pot: bool) -> tuple[Tensor, Tensor]:
+    """``(marginal_error, the stopping rule's violation)`` in float64: :func:`marginal_error` and,
+    with ``pot``, :func:`row_error_l2`, the row side's terms computed once for both."""
+    rows = _side_terms(a, f_prev, f, eps)
+    err = rows.sum(1) + _side_terms(b, g_prev, g, eps).sum(1)
+    return err, (rows.square().sum(1).sqrt() if pot else err)
+
+
 # update rules of the fixed-eps loop: bit 0 alternate (Gauss-Seidel) updates, bit 1 POT's L2 row test
 UPDATES = ("averaged", "alternate")
 STOPS = ("marginals", "pot")
@@ -278,8 +287,7 @@ def sinkhorn(x: Optional[Tensor], y: Optional[Tensor], a: Optional[Tensor] = Non
     value = (aw * f).sum(1) + (bw * g).sum(1)
     # the weights as the stopping test reads them, exp(log w) in float64: reported and tested agree
     wa, wb = log_weights(aw).double().exp(), log_weights(bw).double().exp()
-    err = marginal_error(wa, fp, f.detach(), wb, gp, g.detach(), target, True)
-    stop_err = row_error_l2(wa, fp, f.detach(), target) if rule & 2 else err
+    err, stop_err = final_errors(wa, fp, f.detach(), wb, gp, g.detach(), target, bool(rule & 2))
     out = {"f": f, "g": g}
     if debias:
         if isinstance(cost, Tensor):
