@@ -51,8 +51,9 @@ _SCRATCH = threading.local()
 
 def _scratch(role: str, shape: tuple[int, ...], like: Tensor) -> Optional[Tensor]:
     """A contiguous CPU buffer of ``shape`` for a temporary that never leaves the op (``y``, ``u_mix``,
-    ``e``, ``T``), reused across calls: one per role, dtype and thread, grown when too small (at most
-    the Y_BLOCK / T_BLOCK sizes, so a few tens of MiB). A fresh multi-MiB tensor costs a page fault
+    ``e``, ``T``, ``z``), reused across calls: one per role, dtype and thread, grown when too small.
+    Callers ask only for block-sized temporaries (at most Y_BLOCK / T_BLOCK entries, so a few tens of
+    MiB held per thread); a larger one is allocated fresh. A fresh multi-MiB tensor costs a page fault
     per 4 KiB on first touch, as much as the elementwise stage that fills it. None off the CPU (the
     CUDA caching allocator already reuses memory): the caller allocates."""
     if like.device.type != "cpu":
@@ -64,9 +65,6 @@ def _scratch(role: str, shape: tuple[int, ...], like: Tensor) -> Optional[Tensor
         buf = bufs[(role, like.dtype)] = like.new_empty(n)
     return buf[:n].view(shape)
 
-
-def _mm(a: Tensor, b: Tensor, out: Optional[Tensor]) -> Tensor:
-    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 CriticParams = Union[Sequence[Tensor], torch.nn.Module]
 Normalize = Literal["sum_w", "n"]
 NORMALIZE = ("sum_w", "n")
@@ -95,7 +93,7 @@ def _critic_gp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, z_src: Tensor, z_
     w1 = w1.contiguous()
     w1v = w1.view(H * k, d)
     if (n + m) * H * k <= Y_BLOCK:
-        z = torch.cat([z_src, z_tgt], out=_scratch("z", (n + m, d), z_src))
+        z = torch.cat([z_src, z_tgt], out=_scratch("z", (n + m, d), z_src) if (n + m) * d <= Y_BLOCK else None)
         p = None if p_src is None else torch.cat([p_src, p_tgt])
         if backend == "cpu":  # h (saved) straight from the GEMM when k == 1; y, u_mix in scratch
             h = z.new_empty(n + m, H)
@@ -147,7 +145,7 @@ def _critic_gp_backward(grad_est: Tensor, grad_pen: Tensor, w1: Tensor, w2: Tens
     k = w1.shape[1] // d
     w1 = w1.contiguous()
     N = z_src.shape[0] + z_tgt.shape[0]
-    z = torch.cat([z_src, z_tgt], out=_scratch("z", (N, d), z_src))
+    z = torch.cat([z_src, z_tgt], out=_scratch("z", (N, d), z_src) if N * d <= Y_BLOCK else None)
     p = None if p_src is None else torch.cat([p_src, p_tgt])
     coef = grad_est * coef
     dz = []
@@ -172,7 +170,7 @@ def _critic_gp_backward(grad_est: Tensor, grad_pen: Tensor, w1: Tensor, w2: Tens
     rows = max(1, T_BLOCK // w1.shape[1])
     for j0 in range(0, H, rows):  # T = M~^T G block by block: O(T_BLOCK) extra memory, not O(H k d)
         mj = mask_mix[:, j0:j0 + rows]
-        t = _mm(mj.T, g_mix, _scratch("t", (mj.shape[1], g_mix.shape[1]), g_mix))
+        t = torch.mm(mj.T, g_mix, out=_scratch("t", (mj.shape[1], g_mix.shape[1]), g_mix))
         gw2[j0:j0 + rows] += ext.critic_gp_epilogue(gw1[j0:j0 + rows], t, w1[j0:j0 + rows], w2[j0:j0 + rows], scale)
     gb2 = coef.sum()
     return gw1, gb1, gw2, gb2.reshape(()), dz
