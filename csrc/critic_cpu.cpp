@@ -5,13 +5,10 @@
 // k classes (k = 1 without CDAN). y = Z W1v^T is (N, H*k) with y[r, j*k + c] = W1[j, c, :] . z_r,
 // so the pre-activation is h_rj = b1_j + sum_c p_rc y[r, j*k + c] (h_rj = b1_j + y_rj without CDAN).
 // Sums run in at::acc_type (double for float inputs).
-#if defined(__GNUC__) && !defined(__clang__)
-// The ReLU selects (h > 0 ? h : 0, the masks) vectorise only when FP operations may be speculated,
-// i.e. without trapping math (torch itself is built with -fno-trapping-math); with trapping math they
-// are branches, mispredicted half the time on ReLU signs (the row stages ran 10-20x slower than
-// an elementwise torch op). Must precede the code it applies to.
-#pragma GCC optimize("no-trapping-math")
-#endif
+// fast_exp.h first: its no-trapping-math pragma lets the ReLU selects (h > 0 ? h : 0, the masks)
+// vectorise; with trapping math they are branches, mispredicted half the time on ReLU signs (the row
+// stages ran 10-20x slower than an elementwise torch op).
+#include "fast_exp.h"
 #include "common.h"
 
 #include <ATen/AccumulateType.h>

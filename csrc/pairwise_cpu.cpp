@@ -70,7 +70,7 @@ template <typename scalar_t>
 void expand_and_refine(const scalar_t* x, const scalar_t* y, const scalar_t* nx, const scalar_t* ny,
                        scalar_t* out, int64_t B, int64_t n, int64_t m, int64_t d, double tol) {
   const scalar_t tol_s = static_cast<scalar_t>(tol);
-  at::parallel_for(0, B * n, std::max<int64_t>(1, 16384 / m), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, m)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / n;
       scalar_t* row = out + r * m;
@@ -143,9 +143,9 @@ template <typename T>
 bool direct_sqdist(const T* x, const T* y, T* out, int64_t B, int64_t n, int64_t m, int64_t d) {
   constexpr int64_t JB = kBlock<T>;
   const int64_t packed = (m + JB - 1) / JB * JB * d;  // per batch
-  const int64_t tile = std::max<int64_t>(1, 16384 / (sizeof(T) * JB * d)) * JB;
+  const int64_t tile = std::max<int64_t>(1, 16384 / (sizeof(T) * JB * std::max<int64_t>(1, d))) * JB;
   std::vector<T> yp(B * packed, T(0));
-  const int64_t grain = std::max<int64_t>(1, 16384 / (m * d));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, m * d));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) pack_blocks(y + b * m * d, yp.data() + b * packed, m, d);
   });
@@ -196,7 +196,7 @@ template <typename scalar_t>
 bool center_with_norms(const scalar_t* x, const scalar_t* y, scalar_t* xc, scalar_t* yc, scalar_t* nx,
                        scalar_t* ny, int64_t B, int64_t n, int64_t m, int64_t d) {
   std::atomic<bool> finite{true};
-  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / ((n + m) * d)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (n + m) * d)), [&](int64_t begin, int64_t end) {
     std::vector<double> acc(d);
     std::vector<scalar_t> c(d);
     for (int64_t b = begin; b < end; ++b) {

@@ -9,8 +9,9 @@
 // Backward, couplings in reverse, with G3 = dL/d[s_raw | t] from coupling_backward:
 //   G2 = (G3 W3) * 1[h2 > 0],  G1 = (G2 W2) * 1[h1 > 0],  dL/dx_1 += G1 W1 (a GEMM into dL/dx's
 //   conditioning columns),  dW_l = G_l^T h_{l-1},  db_l = sum_rows G_l  (h_0 = x_1).
-// These are the GEMMs and reductions of autograd through the conditioner, in its order, so the
-// values are bit-identical to it. Only ATen ops and the coupling ops (through the dispatcher, below
+// These are the GEMMs and reductions of autograd through the conditioner, in its order (tested bit-
+// identical to the per-coupling path it replaced, and to the fp64 reference within 1e-12; against
+// plain autograd the in-place addmm_ accumulation into dL/dx may round differently). Only ATen ops and the coupling ops (through the dispatcher, below
 // its autograd keys: the caller records the one graph node) are called, so one function serves CPU
 // and CUDA tensors.
 #include <ATen/ATen.h>

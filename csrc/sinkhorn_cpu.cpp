@@ -344,13 +344,6 @@ at::Tensor sinkhorn_plan_cpu(const at::Tensor& C_in, const at::Tensor& h_in, con
   return out;
 }
 
-// Squared-distance costs of one call, per problem in one task (at::parallel_for over the batch):
-// the real points of x and y minus their common mean (padded rows become zeros), the diameter of
-// their bounding box, and k |x_i - y_j|^2 for the pairs (x, y) and, with debias, (x, x) and (y, y),
-// by the expansion |u|^2 + |v|^2 - 2 <u, v> (one GEMM each) with the entries at or below
-// refine_tol (|u|^2 + |v|^2) recomputed directly (csrc/pairwise_cpu.cpp's rule). The same numbers as
-// xlt_fast.ops.sinkhorn._centred followed by the pairwise kernel, without the passes over the
-// (B, n, d) inputs that those make one op at a time.
 // sum of the real rows of src (rows x d) into acc (double), returning their count. Plain restrict
 // pointers (captured ones are reloaded and keep a loop scalar); target_clones: AVX-512 / AVX2 code
 // where the CPU has it (the build has no -march flag).
@@ -394,6 +387,13 @@ XLT_CLONES void centre_rows(const T* __restrict src, const bool* __restrict real
   }
 }
 
+// Squared-distance costs of one call, per problem in one task (at::parallel_for over the batch):
+// the real points of x and y minus their common mean (padded rows become zeros), the diameter of
+// their bounding box, and k |x_i - y_j|^2 for the pairs (x, y) and, with debias, (x, x) and (y, y),
+// by the expansion |u|^2 + |v|^2 - 2 <u, v> (one GEMM each) with the entries at or below
+// refine_tol (|u|^2 + |v|^2) recomputed directly (csrc/pairwise_cpu.cpp's rule). The quantities of
+// xlt_fast.ops.sinkhorn._centred followed by the pairwise kernel (equal to rounding: sums run in
+// vector order), without the passes over the (B, n, d) inputs that those make one op at a time.
 template <typename T>
 void sq_block(const T* u, const T* v, const T* nu, const T* nv, int64_t rows, int64_t cols, int64_t d, T k,
               double refine_tol, T* out) {
