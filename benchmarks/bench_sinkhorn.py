@@ -239,11 +239,12 @@ FIXED_EPS, FIXED_TOL, FIXED_MAX_ITERS, FIXED_ITERS = 50.0, 1e-6, 500, 200  # cos
 
 
 def pot_iterations(M, eps: float, max_iter: int, tol: float) -> int:
-    """Updates POT's ``solve_batch(M, eps, method="log_sinkhorn")`` runs: its own loop (``K = -M /
-    eps`` then ``bregman_log_projection_batch``, what solve_batch calls) returns the last loop index."""
-    from ot.batch._utils import bregman_log_projection_batch
+    """Updates POT's ``solve_batch(M, eps, method="log_sinkhorn")`` runs: its log's ``n_iter`` is the
+    last loop index."""
+    from ot.batch import solve_batch
 
-    return int(bregman_log_projection_batch(-M / eps, max_iter=max_iter, tol=tol)["n_iters"]) + 1
+    res = solve_batch(M, eps, max_iter=max_iter, tol=tol, method="log_sinkhorn", reg_type="kl", grad="detach")
+    return int(res.log["n_iter"]) + 1
 
 
 def _fixed_eps_cases(device: torch.device, quick: bool, solve_batch) -> list[Case]:

@@ -150,11 +150,6 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> Optional[floa
     return max(0, _rss_kb("VmHWM:") - base) / 1024
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, min_time: float, max_reps: int) -> float:
-    """Median wall time of one call in ms (CUDA events on a GPU), after a warm-up."""
-    return time_interleaved({"fn": fn}, device, min_time, max_reps)["fn"]
-
-
 def _time_one(fn: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

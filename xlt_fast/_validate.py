@@ -71,7 +71,7 @@ class Checks:
             return
         ok = _all_finite(t.detach(), mask)
         padded = "" if mask is None else " (padded entries, mask False, are not checked)"
-        self.add(~ok.all(), f"{name} contains NaN or inf{padded}; pass check_finite=False only for inputs "
+        self.add(~ok, f"{name} contains NaN or inf{padded}; pass check_finite=False only for inputs "
                             f"already checked")
 
     def add(self, bad: Tensor, message: str) -> None:
